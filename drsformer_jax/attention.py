@@ -1,0 +1,90 @@
+"""Top-k sparse attention (TKSA): channel attention keeping the top-k scores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from drsformer_jax.convolution import Conv, DepthwiseConv
+
+
+def topk_sizes(c: int) -> tuple[int, int, int, int]:
+    """The four k of the release: c/2, 2c/3, 3c/4, 4c/5, each Python int() of the float."""
+    return int(c / 2), int(c * 2 / 3), int(c * 3 / 4), int(c * 4 / 5)
+
+
+def topk_masks(scores: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
+    """For each k, a boolean mask keeping exactly the k largest entries of each row.
+
+    One `top_k` (for the largest k) ranks every row; entry j is kept for a given
+    k when its rank is below k. Ranking by index rather than comparing with a
+    threshold keeps exactly k entries even when scores tie, as torch.topk does.
+    """
+    c = scores.shape[-1]
+    kmax = max(ks)
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(scores), kmax)
+    ranks = jnp.broadcast_to(jnp.arange(kmax, dtype=jnp.int32), idx.shape)
+    rank = jnp.put_along_axis(jnp.full(scores.shape, c, jnp.int32), idx, ranks, axis=-1,
+                              inplace=False)
+    return [rank < k for k in ks]
+
+
+class TopKSparseAttention(nn.Module):
+    """TKSA of the release (checkpoint prefix `attn.`).
+
+    Per head, q and k are (c, H*W) matrices, L2-normalised along H*W; the c x c
+    score matrix times a learned temperature is sparsified four ways (top k_i of
+    each row kept, others -inf), each softmaxed, and the four maps are mixed with
+    learned scalars attn1..attn4. Because the mix is linear it is applied to the
+    probability maps, so the large product with v is done once, not four times.
+    """
+
+    dim: int
+    num_heads: int
+    use_bias: bool = False
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        n, h, w = self.num_heads, x.shape[1], x.shape[2]
+        # Own parameters first: the release's state_dict lists them before the convs.
+        temperature = self.param("temperature", nn.initializers.ones, (n, 1, 1),
+                                 self.param_dtype)
+        mix = [self.param(f"attn{i}", nn.initializers.constant(0.2), (1,), self.param_dtype)
+               for i in range(1, 5)]
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = Conv(3 * self.dim, 1, name="qkv", **kw)(x)
+        qkv = DepthwiseConv(3 * self.dim, 3, impl=self.conv_impl, name="qkv_dwconv", **kw)(qkv)
+        # Channel index = head * c + i (head-major), as the release splits heads.
+        q, k, v = (rearrange(t, "b h w (n c) -> b (h w) n c", n=n)
+                   for t in jnp.split(qkv, 3, axis=-1))
+
+        q, k = _l2_normalize_spatial(q), _l2_normalize_spatial(k)
+        scores = jnp.einsum("bxnc,bxnd->bncd", q.astype(self.dtype), k.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        scores = scores * temperature.astype(jnp.float32)
+
+        c = self.dim // n
+        probs = jnp.zeros_like(scores)
+        for weight, keep in zip(mix, topk_masks(scores, topk_sizes(c)), strict=True):
+            p = jax.nn.softmax(jnp.where(keep, scores, -jnp.inf), axis=-1)
+            probs = probs + weight.astype(jnp.float32) * p
+
+        out = jnp.einsum("bncd,bxnd->bxnc", probs.astype(self.dtype), v.astype(self.dtype))
+        out = rearrange(out, "b (h w) n c -> b h w (n c)", h=h, w=w)
+        return Conv(self.dim, 1, name="project_out", **kw)(out)
+
+
+def _l2_normalize_spatial(t: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """t / max(||t||, eps) along the spatial axis (axis 1), in float32."""
+    t32 = t.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(t32), axis=1, keepdims=True))
+    return t32 / jnp.maximum(norm, eps)

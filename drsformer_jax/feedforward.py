@@ -1,0 +1,51 @@
+"""Mixed-scale feed-forward network (MSFN)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drsformer_jax.convolution import Conv, DepthwiseConv, GroupedConv
+
+
+def hidden_features(dim: int, ffn_expansion_factor: float) -> int:
+    """The release's hidden width: Python int() of dim * factor (48 * 2.66 -> 127)."""
+    return int(dim * ffn_expansion_factor)
+
+
+class MixedScaleFeedForward(nn.Module):
+    """MSFN of the release (checkpoint prefix `ffn.`).
+
+    project_in to 2h channels; depthwise 3x3 and 5x5 branches (ReLU); each branch
+    split in halves (a, b); x1 = ReLU(grouped 3x3 over [a3, a5]),
+    x2 = ReLU(grouped 5x5 over [b3, b5]), where the grouped convs have h groups of
+    two consecutive input channels -- with h odd, one group reads the last
+    channel of a3 and the first of a5, which is what the weights were trained
+    with; project_out on [x1, x2].
+    """
+
+    dim: int
+    ffn_expansion_factor: float = 2.66
+    use_bias: bool = False
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = hidden_features(self.dim, self.ffn_expansion_factor)
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Conv(2 * h, 1, name="project_in", **kw)(x)
+        d3 = nn.relu(DepthwiseConv(2 * h, 3, impl=self.conv_impl, name="dwconv3x3", **kw)(x))
+        d5 = nn.relu(DepthwiseConv(2 * h, 5, impl=self.conv_impl, name="dwconv5x5", **kw)(x))
+        a3, b3 = jnp.split(d3, 2, axis=-1)
+        a5, b5 = jnp.split(d5, 2, axis=-1)
+        x1 = GroupedConv(h, 3, inputs_per_group=2, impl=self.conv_impl, name="dwconv3x3_1",
+                         **kw)(jnp.concatenate([a3, a5], axis=-1))
+        x2 = GroupedConv(h, 5, inputs_per_group=2, impl=self.conv_impl, name="dwconv5x5_1",
+                         **kw)(jnp.concatenate([b3, b5], axis=-1))
+        x = jnp.concatenate([nn.relu(x1), nn.relu(x2)], axis=-1)
+        return Conv(self.dim, 1, name="project_out", **kw)(x)

@@ -1,0 +1,93 @@
+"""Mixture-of-experts feature compensator (MEFC, the release's `subnet`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drsformer_jax.convolution import Conv, DepthwiseConv
+from drsformer_jax.initializers import torch_bias_init, torch_default_init
+
+# The eight experts, in the release's order (op index j in the checkpoint).
+EXPERTS = ("sep_conv_1x1", "sep_conv_3x3", "sep_conv_5x5", "sep_conv_7x7",
+           "dil_conv_3x3", "dil_conv_5x5", "dil_conv_7x7", "avg_pool_3x3")
+
+
+def _kernel_size(expert: str) -> int:
+    return int(expert[-1])
+
+
+class Expert(nn.Module):
+    """One operation of an MEFC step; output has the input's shape.
+
+    sep kxk: depthwise kxk -> 1x1 -> ReLU -> depthwise kxk -> 1x1.
+    dil kxk: depthwise kxk with dilation 2 -> 1x1.
+    avg 3x3: mean over the window, padding excluded from the count.
+    """
+
+    kind: str
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, k = x.shape[-1], _kernel_size(self.kind)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dw = dict(impl=self.conv_impl, **kw)
+        if self.kind.startswith("sep_conv"):
+            x = DepthwiseConv(c, k, name="dw1", **dw)(x)
+            x = nn.relu(Conv(c, 1, name="pw1", **kw)(x))
+            x = DepthwiseConv(c, k, name="dw2", **dw)(x)
+            return Conv(c, 1, name="pw2", **kw)(x)
+        if self.kind.startswith("dil_conv"):
+            x = DepthwiseConv(c, k, dilation=2, name="dw", **dw)(x)
+            return Conv(c, 1, name="pw", **kw)(x)
+        if self.kind == "avg_pool_3x3":
+            return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
+                               count_include_pad=False)
+        raise ValueError(f"unknown MEFC expert {self.kind!r}")
+
+
+class MEFC(nn.Module):
+    """Router + 4 steps of 8 experts (checkpoint prefixes `encoder_level0.`, `refinement.`).
+
+    The router maps the global average of x to softmax weights over the experts
+    for each step; x = ReLU(1x1(x)); then per step
+    x = ReLU(ReLU(1x1(concat_j w[:, s, j] * expert_j(x))) + x).
+    """
+
+    steps: int = 4
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c = x.shape[0], x.shape[-1]
+        num_ops = len(EXPERTS)
+        hidden = 2 * self.steps * num_ops
+        dense = dict(kernel_init=torch_default_init, param_dtype=self.param_dtype,
+                     dtype=jnp.float32)
+        # The router is tiny; it runs in float32 whatever the computation dtype.
+        y = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        y = nn.relu(nn.Dense(hidden, bias_init=torch_bias_init(c), name="router_fc1",
+                             **dense)(y))
+        y = nn.Dense(self.steps * num_ops, bias_init=torch_bias_init(hidden),
+                     name="router_fc2", **dense)(y)
+        weights = jax.nn.softmax(y.reshape(b, self.steps, num_ops), axis=-1)
+
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.relu(Conv(c, 1, name="preprocess", **kw)(x))
+        for s in range(self.steps):
+            outs = []
+            for j, kind in enumerate(EXPERTS):
+                e = Expert(kind, conv_impl=self.conv_impl, name=f"step_{s}_{kind}", **kw)(x)
+                outs.append(e * weights[:, s, j, None, None, None].astype(e.dtype))
+            fused = nn.relu(Conv(c, 1, name=f"step_{s}_fuse", **kw)(
+                jnp.concatenate(outs, axis=-1)))
+            x = nn.relu(fused + x)
+        return x

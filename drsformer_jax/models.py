@@ -1,0 +1,192 @@
+"""The DRSformer U-Net (Flax linen, NHWC)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from drsformer_jax.attention import TopKSparseAttention
+from drsformer_jax.convolution import Conv
+from drsformer_jax.feedforward import MixedScaleFeedForward
+from drsformer_jax.mefc import MEFC
+from drsformer_jax.normalization import LayerNorm
+
+# Three 2x down-samplings: image sides must be multiples of 8.
+SIZE_MULTIPLE = 8
+
+
+def pixel_unshuffle(x: jax.Array, r: int = 2) -> jax.Array:
+    """(N, H, W, C) -> (N, H/r, W/r, C*r*r), PyTorch's channel order c*r*r + dy*r + dx."""
+    return rearrange(x, "b (h dy) (w dx) c -> b h w (c dy dx)", dy=r, dx=r)
+
+
+def pixel_shuffle(x: jax.Array, r: int = 2) -> jax.Array:
+    """Inverse of `pixel_unshuffle`: (N, H, W, C*r*r) -> (N, H*r, W*r, C)."""
+    return rearrange(x, "b h w (c dy dx) -> b (h dy) (w dx) c", dy=r, dx=r)
+
+
+class TransformerBlock(nn.Module):
+    """Sparse transformer block: x + TKSA(LN(x)), then + MSFN(LN(x))."""
+
+    dim: int
+    num_heads: int
+    ffn_expansion_factor: float = 2.66
+    use_bias: bool = False
+    layernorm_type: str = "WithBias"
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ln = dict(kind=self.layernorm_type, **kw)
+        x = x + TopKSparseAttention(self.dim, self.num_heads, self.use_bias, self.conv_impl,
+                                    name="attn", **kw)(LayerNorm(name="norm1", **ln)(x))
+        return x + MixedScaleFeedForward(self.dim, self.ffn_expansion_factor, self.use_bias,
+                                         self.conv_impl, name="ffn",
+                                         **kw)(LayerNorm(name="norm2", **ln)(x))
+
+
+class Downsample(nn.Module):
+    """conv3x3 C -> C/2, then pixel-unshuffle(2): 2C channels at half size."""
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Conv(x.shape[-1] // 2, 3, name="conv", dtype=self.dtype,
+                 param_dtype=self.param_dtype)(x)
+        return pixel_unshuffle(x)
+
+
+class Upsample(nn.Module):
+    """conv3x3 C -> 2C, then pixel-shuffle(2): C/2 channels at double size."""
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Conv(x.shape[-1] * 2, 3, name="conv", dtype=self.dtype,
+                 param_dtype=self.param_dtype)(x)
+        return pixel_shuffle(x)
+
+
+class DRSformer(nn.Module):
+    """DRSformer (Chen et al., CVPR 2023), parameter-compatible with the release.
+
+    Input: (N, H, W, inp_channels) float in [0, 1], H and W multiples of 8.
+    Output: restored image of the same shape, float32 (not clamped).
+
+    Fields mirror the release's constructor; `use_mefc=False` is the variant
+    without MEFC used for Rain200L and SPA-Data. `dtype` is the computation dtype
+    (parameters stay `param_dtype`); `remat` rematerialises each transformer
+    block and MEFC in the backward pass to save memory; `conv_impl` picks the
+    depthwise / grouped convolution formulation (see `convolution.py`).
+    """
+
+    inp_channels: int = 3
+    out_channels: int = 3
+    dim: int = 48
+    num_blocks: Sequence[int] = (4, 6, 6, 8)
+    heads: Sequence[int] = (1, 2, 4, 8)
+    ffn_expansion_factor: float = 2.66
+    bias: bool = False
+    layernorm_type: str = "WithBias"
+    use_mefc: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    conv_impl: str = "auto"
+
+    def config(self) -> dict[str, Any]:
+        """The architecture fields as a JSON-friendly dict (no dtype / runtime choices)."""
+        return model_config(self)
+
+    @nn.compact
+    def __call__(self, inp: jax.Array) -> jax.Array:
+        self._check_input(inp)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+        mefc_cls = nn.remat(MEFC) if self.remat else MEFC
+
+        def level(x: jax.Array, name: str, depth: int, dim: int, heads: int) -> jax.Array:
+            for i in range(depth):
+                x = block_cls(dim, heads, self.ffn_expansion_factor, self.bias,
+                              self.layernorm_type, self.conv_impl, name=f"{name}_{i}", **kw)(x)
+            return x
+
+        d = self.dim
+        nb, nh = self.num_blocks, self.heads
+        x = Conv(d, 3, name="patch_embed", **kw)(inp.astype(self.dtype))
+        if self.use_mefc:
+            x = mefc_cls(conv_impl=self.conv_impl, name="encoder_level0", **kw)(x)
+        e1 = level(x, "encoder_level1", nb[0], d, nh[0])
+        e2 = level(Downsample(name="down1_2", **kw)(e1), "encoder_level2", nb[1], 2 * d, nh[1])
+        e3 = level(Downsample(name="down2_3", **kw)(e2), "encoder_level3", nb[2], 4 * d, nh[2])
+        lat = level(Downsample(name="down3_4", **kw)(e3), "latent", nb[3], 8 * d, nh[3])
+
+        x = jnp.concatenate([Upsample(name="up4_3", **kw)(lat), e3], axis=-1)
+        x = Conv(4 * d, 1, use_bias=self.bias, name="reduce_chan_level3", **kw)(x)
+        x = level(x, "decoder_level3", nb[2], 4 * d, nh[2])
+        x = jnp.concatenate([Upsample(name="up3_2", **kw)(x), e2], axis=-1)
+        x = Conv(2 * d, 1, use_bias=self.bias, name="reduce_chan_level2", **kw)(x)
+        x = level(x, "decoder_level2", nb[1], 2 * d, nh[1])
+        # No 1x1 reduction at level 1: the decoder runs at 2 * dim channels.
+        x = jnp.concatenate([Upsample(name="up2_1", **kw)(x), e1], axis=-1)
+        x = level(x, "decoder_level1", nb[0], 2 * d, nh[0])
+        if self.use_mefc:
+            x = mefc_cls(conv_impl=self.conv_impl, name="refinement", **kw)(x)
+        x = Conv(self.out_channels, 3, use_bias=self.bias, name="output", **kw)(x)
+        return x.astype(jnp.float32) + inp.astype(jnp.float32)
+
+    def _check_input(self, inp: jax.Array) -> None:
+        if inp.ndim != 4:
+            raise ValueError(f"DRSformer expects NHWC input, got shape {tuple(inp.shape)}")
+        _, h, w, c = inp.shape
+        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            raise ValueError(
+                f"DRSformer input height and width must be multiples of {SIZE_MULTIPLE}, got "
+                f"shape {tuple(inp.shape)} (pad the image first, e.g. with "
+                f"drsformer_jax.inference.pad_to_multiple)")
+        if c != self.inp_channels:
+            raise ValueError(f"DRSformer expects {self.inp_channels} input channels, got shape "
+                             f"{tuple(inp.shape)}")
+        if self.out_channels != self.inp_channels:
+            raise ValueError("the global residual needs out_channels == inp_channels")
+
+
+ARCH_FIELDS = ("inp_channels", "out_channels", "dim", "num_blocks", "heads",
+               "ffn_expansion_factor", "bias", "layernorm_type", "use_mefc")
+
+
+def model_config(model: DRSformer) -> dict[str, Any]:
+    """Architecture fields of `model` (what a checkpoint must record to rebuild it)."""
+    cfg = {f: getattr(model, f) for f in ARCH_FIELDS}
+    cfg["num_blocks"], cfg["heads"] = list(cfg["num_blocks"]), list(cfg["heads"])
+    return cfg
+
+
+def from_config(config: dict[str, Any], **overrides: Any) -> DRSformer:
+    """Builds a DRSformer from `model_config`'s dict; overrides set dtype, remat, ..."""
+    known = {f.name for f in dataclasses.fields(DRSformer)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown DRSformer config fields: {', '.join(unknown)}")
+    cfg = dict(config, **overrides)
+    for key in ("num_blocks", "heads"):
+        if key in cfg:
+            cfg[key] = tuple(int(v) for v in cfg[key])
+    return DRSformer(**cfg)
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
