@@ -1,0 +1,216 @@
+"""Semantics of the DRSformer building blocks (small shapes, no fixtures)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drsformer_jax.attention import TopKSparseAttention, topk_masks, topk_sizes
+from drsformer_jax.convolution import grouped_conv
+from drsformer_jax.feedforward import MixedScaleFeedForward, hidden_features
+from drsformer_jax.initializers import init_params, initial_value
+from drsformer_jax.mefc import Expert
+from drsformer_jax.models import DRSformer, count_params, pixel_shuffle, pixel_unshuffle
+from drsformer_jax.normalization import LayerNorm
+
+TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2))
+
+
+def test_pixel_unshuffle_matches_pytorch_channel_order():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 6, 4, 3)).astype(np.float32)
+    y = np.asarray(pixel_unshuffle(jnp.asarray(x)))
+    assert y.shape == (2, 3, 2, 12)
+    for c in range(3):
+        for dy in range(2):
+            for dx in range(2):
+                # PyTorch: output channel c*4 + dy*2 + dx holds input channel c at (dy, dx).
+                np.testing.assert_array_equal(y[..., c * 4 + dy * 2 + dx], x[:, dy::2, dx::2, c])
+
+
+def test_pixel_shuffle_inverts_unshuffle():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 8, 10, 5)), jnp.float32)
+    np.testing.assert_array_equal(pixel_shuffle(pixel_unshuffle(x)), x)
+    z = jnp.asarray(np.random.default_rng(2).normal(size=(1, 3, 4, 20)), jnp.float32)
+    np.testing.assert_array_equal(pixel_unshuffle(pixel_shuffle(z)), z)
+
+
+@pytest.mark.parametrize("c,expected", [(48, (24, 32, 36, 38)), (96, (48, 64, 72, 76))])
+def test_topk_sizes_are_the_releases(c, expected):
+    assert topk_sizes(c) == expected
+
+
+@pytest.mark.parametrize("c", [48, 96])
+def test_topk_masks_keep_exactly_k_largest_per_row(c):
+    scores = jnp.asarray(np.random.default_rng(c).normal(size=(2, 3, c, c)), jnp.float32)
+    ks = topk_sizes(c)
+    masks = topk_masks(scores, ks)
+    s = np.asarray(scores)
+    for k, mask in zip(ks, masks, strict=True):
+        mask = np.asarray(mask)
+        assert (mask.sum(-1) == k).all()
+        kept_min = np.where(mask, s, np.inf).min(-1)
+        dropped_max = np.where(mask, -np.inf, s).max(-1)
+        assert (kept_min > dropped_max).all()
+
+
+def test_topk_masks_keep_exactly_k_even_with_ties():
+    scores = jnp.zeros((1, 1, 10, 10), jnp.float32)  # every score ties
+    for k, mask in zip((5, 6, 7, 8), topk_masks(scores, (5, 6, 7, 8)), strict=True):
+        assert (np.asarray(mask).sum(-1) == k).all()
+
+
+def test_attention_mixing_is_linear_in_the_four_maps():
+    # Setting attn2..4 to zero must give exactly the top-c/2 attention of attn1.
+    model = TopKSparseAttention(dim=8, num_heads=2)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 4, 4, 8)), jnp.float32)
+    params = init_params_for(model, x)
+    only1 = {**params, "attn2": jnp.zeros(1), "attn3": jnp.zeros(1), "attn4": jnp.zeros(1)}
+    only1["attn1"] = jnp.ones(1)
+    y1 = model.apply({"params": only1}, x)
+    all4 = {**params, **{f"attn{i}": jnp.full((1,), 0.25) for i in range(1, 5)}}
+    y4 = model.apply({"params": all4}, x)
+    assert not np.allclose(y1, y4)  # the four sparsity levels really differ
+
+
+def init_params_for(module, x):
+    return jax.tree_util.tree_map(np.asarray, module.init(jax.random.PRNGKey(0), x)["params"])
+
+
+def test_avg_pool_expert_excludes_padding_at_borders():
+    x = jnp.ones((1, 5, 6, 2), jnp.float32)
+    y = np.asarray(Expert("avg_pool_3x3").apply({}, x))
+    np.testing.assert_allclose(y, 1.0, rtol=0, atol=1e-6)  # zero padding would pull borders down
+    ramp = jnp.arange(30, dtype=jnp.float32).reshape(1, 5, 6, 1)
+    y = np.asarray(Expert("avg_pool_3x3").apply({}, ramp))[0, :, :, 0]
+    r = np.asarray(ramp)[0, :, :, 0]
+    assert y[0, 0] == pytest.approx(r[:2, :2].mean())  # corner: 4 values
+    assert y[0, 3] == pytest.approx(r[:2, 2:5].mean())  # edge: 6 values
+    assert y[2, 2] == pytest.approx(r[1:4, 1:4].mean())
+
+
+def test_grouped_conv_reads_consecutive_channel_pairs():
+    # Group g reads channels 2g and 2g+1: with h odd, group (h-1)/2 straddles a3/a5.
+    rng = np.random.default_rng(4)
+    h = 5
+    x = rng.normal(size=(1, 6, 7, 2 * h)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 2, h)).astype(np.float32)
+    for impl in ("xla", "shift"):
+        y = np.asarray(grouped_conv(jnp.asarray(x), jnp.asarray(kernel), impl=impl))
+        for g in range(h):
+            pair = x[..., 2 * g: 2 * g + 2]
+            ref = reference_conv(pair, kernel[:, :, :, g: g + 1])
+            np.testing.assert_allclose(y[..., g], ref[..., 0], atol=1e-5)
+
+
+def reference_conv(x, kernel, dilation=1):
+    """Dense NHWC conv with 'same' zero padding, written out with loops."""
+    kh, kw, cin, cout = kernel.shape
+    ph, pw = dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
+    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    out = np.zeros(x.shape[:3] + (cout,), np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            tap = xp[:, i * dilation: i * dilation + x.shape[1], j * dilation: j * dilation + x.shape[2]]
+            out += tap @ kernel[i, j]
+    return out
+
+
+@pytest.mark.parametrize("impl", ["xla", "shift"])
+@pytest.mark.parametrize("k,dilation", [(1, 1), (3, 1), (5, 1), (7, 2)])
+def test_depthwise_conv_formulations_agree_with_reference(impl, k, dilation):
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(2, 9, 8, 4)).astype(np.float32)
+    kernel = rng.normal(size=(k, k, 1, 4)).astype(np.float32)
+    y = np.asarray(grouped_conv(jnp.asarray(x), jnp.asarray(kernel), dilation=dilation, impl=impl))
+    for c in range(4):
+        ref = reference_conv(x[..., c: c + 1], kernel[:, :, :, c: c + 1], dilation)
+        np.testing.assert_allclose(y[..., c], ref[..., 0], atol=1e-4)
+
+
+def test_msfn_hidden_width_and_straddling_group():
+    assert [hidden_features(c, 2.66) for c in (48, 96, 192, 384)] == [127, 255, 510, 1021]
+    # The straddling group couples the 3x3 and 5x5 branches: perturbing the 5x5
+    # branch's first channel changes x1's middle channel when h is odd.
+    model = MixedScaleFeedForward(dim=4, ffn_expansion_factor=1.25)  # h = 5
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 4, 4, 4)), jnp.float32)
+    params = init_params_for(model, x)
+    k = np.asarray(params["dwconv3x3_1"]["kernel"]).copy()
+    k[:, :, 1, 2] = 0.0  # group 2's second input is channel 5 = a5's first channel
+    changed = {**params, "dwconv3x3_1": {"kernel": jnp.asarray(k)}}
+    assert not np.allclose(model.apply({"params": params}, x), model.apply({"params": changed}, x))
+
+
+def test_layernorm_variants():
+    x = jnp.asarray(np.random.default_rng(6).normal(3.0, 2.0, size=(2, 3, 3, 8)), jnp.float32)
+    with_bias = LayerNorm("WithBias").apply({"params": {"scale": jnp.ones(8),
+                                                        "bias": jnp.zeros(8)}}, x)
+    np.testing.assert_allclose(np.asarray(with_bias).mean(-1), 0.0, atol=1e-5)
+    bias_free = np.asarray(LayerNorm("BiasFree").apply({"params": {"scale": jnp.ones(8)}}, x))
+    xn = np.asarray(x)
+    ref = xn / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)  # the mean is not subtracted
+    np.testing.assert_allclose(bias_free, ref, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = DRSformer(**TINY)
+    return model, {"params": init_params(model, 0)}
+
+
+def test_global_residual(tiny):
+    model, variables = tiny
+    params = jax.tree_util.tree_map(np.asarray, variables["params"])
+    params["output"]["kernel"] = np.zeros_like(params["output"]["kernel"])
+    x = jnp.asarray(np.random.default_rng(7).uniform(size=(1, 16, 24, 3)), jnp.float32)
+    np.testing.assert_array_equal(jax.jit(model.apply)({"params": params}, x), x)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 16, 3), (1, 16, 20, 3)])
+def test_sizes_not_multiple_of_8_are_rejected_with_the_shape(tiny, shape):
+    model, variables = tiny
+    with pytest.raises(ValueError, match=r"multiples of 8.*" + str(shape).replace("(", r"\(")
+                       .replace(")", r"\)")):
+        model.apply(variables, jnp.zeros(shape))
+
+
+def test_default_parameter_counts():
+    for use_mefc, expected in ((True, 33_655_424), (False, 32_610_304)):
+        model = DRSformer(use_mefc=use_mefc)
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+        assert count_params(shapes["params"]) == expected
+
+
+def test_host_init_follows_the_modules_initializers(tiny):
+    # init_params samples on the host by rule; the modules declare the same rules.
+    model, variables = tiny
+    flax_init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]
+    host = jax.tree_util.tree_leaves_with_path(variables["params"])
+    ref = dict(jax.tree_util.tree_leaves_with_path(flax_init))
+    assert len(host) == len(ref)
+    checked = 0
+    for path, value in host:
+        want = np.asarray(ref[path])
+        value = np.asarray(value)
+        assert value.shape == want.shape
+        if np.all(want == want.flat[0]):  # constant initialisers must agree exactly
+            np.testing.assert_array_equal(value, want)
+        elif want.size >= 100:  # uniform: same bound (max of >= 100 draws is > 0.8 bound)
+            checked += 1
+            assert np.abs(value).max() <= np.abs(want).max() * 1.25
+            assert np.abs(want).max() <= np.abs(value).max() * 1.25
+    assert checked > 50
+
+
+def test_initial_value_rejects_unknown_parameters():
+    with pytest.raises(ValueError, match="no initialisation rule"):
+        initial_value(("x", "mystery"), {("x", "mystery"): (3,)}, np.random.default_rng(0))
+
+
+def test_computation_dtype_bfloat16_keeps_float32_params_and_output(tiny):
+    model, variables = tiny
+    x = jnp.asarray(np.random.default_rng(8).uniform(size=(1, 16, 16, 3)), jnp.float32)
+    y32 = jax.jit(model.apply)(variables, x)
+    y16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, x)
+    assert y16.dtype == jnp.float32
+    assert float(jnp.abs(y16 - y32).max()) < 0.1
