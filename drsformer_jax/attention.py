@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from drsformer_jax import numerics
 from drsformer_jax.convolution import Conv, DepthwiseConv
 
 
@@ -67,7 +68,7 @@ class TopKSparseAttention(nn.Module):
         q, k, v = (rearrange(t, "b h w (n c) -> b (h w) n c", n=n)
                    for t in jnp.split(qkv, 3, axis=-1))
 
-        q, k = _l2_normalize_spatial(q), _l2_normalize_spatial(k)
+        q, k = (numerics.l2_normalize(t.astype(jnp.float32), axis=1) for t in (q, k))
         scores = jnp.einsum("bxnc,bxnd->bncd", q.astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         scores = scores * temperature.astype(jnp.float32)
@@ -75,16 +76,10 @@ class TopKSparseAttention(nn.Module):
         c = self.dim // n
         probs = jnp.zeros_like(scores)
         for weight, keep in zip(mix, topk_masks(scores, topk_sizes(c)), strict=True):
-            p = jax.nn.softmax(jnp.where(keep, scores, -jnp.inf), axis=-1)
+            p = numerics.softmax(jnp.where(keep, scores, -jnp.inf), axis=-1)
             probs = probs + weight.astype(jnp.float32) * p
 
         out = jnp.einsum("bncd,bxnd->bxnc", probs.astype(self.dtype), v.astype(self.dtype))
         out = rearrange(out, "b (h w) n c -> b h w (n c)", h=h, w=w)
         return Conv(self.dim, 1, name="project_out", **kw)(out)
 
-
-def _l2_normalize_spatial(t: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """t / max(||t||, eps) along the spatial axis (axis 1), in float32."""
-    t32 = t.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(t32), axis=1, keepdims=True))
-    return t32 / jnp.maximum(norm, eps)

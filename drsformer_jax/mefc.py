@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from drsformer_jax import numerics
 from drsformer_jax.convolution import Conv, DepthwiseConv
 from drsformer_jax.initializers import torch_bias_init, torch_default_init
 
@@ -78,7 +79,7 @@ class MEFC(nn.Module):
                              **dense)(y))
         y = nn.Dense(self.steps * num_ops, bias_init=torch_bias_init(hidden),
                      name="router_fc2", **dense)(y)
-        weights = jax.nn.softmax(y.reshape(b, self.steps, num_ops), axis=-1)
+        weights = numerics.softmax(y.reshape(b, self.steps, num_ops), axis=-1)
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.relu(Conv(c, 1, name="preprocess", **kw)(x))
