@@ -1,0 +1,80 @@
+"""Trains (or evaluates) DRSformer.
+
+    python main.py --config configs/rain200h.py --workdir DIR [--config.FIELD=VALUE ...]
+    python main.py --config configs/rain200h.py --workdir DIR --mode evaluate \
+        [--checkpoint PATH] [--output DIR]
+
+Starting again in the same workdir resumes from its latest checkpoint. On a
+TPU pod slice or several GPU hosts, run the same command on every host with
+--distributed (see README.md). --mode evaluate derains the config's test split
+with the workdir's best checkpoint (or --checkpoint) and scores it under the
+data set's benchmark protocol (drsformer_jax/evaluate.py), on one process.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters).")
+flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                    "--distributed: host:port of process 0 (default $JAX_COORDINATOR_ADDRESS; "
+                    "unset: detected on TPU pods, SLURM, Open MPI).")
+flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"),
+                     "--distributed: number of processes (default $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"),
+                     "--distributed: this process's index (default $JAX_PROCESS_ID).")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
+                  "train, or evaluate a checkpoint on the config's test split.")
+flags.DEFINE_string("checkpoint", None, "evaluate: export dir, workdir or checkpoint step "
+                    "dir to evaluate (default: the workdir's best checkpoint by PSNR).")
+flags.DEFINE_string("output", None, "evaluate: folder for the derained PNGs and score.json "
+                    "(default: WORKDIR/eval/<dataset>).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    import jax
+
+    if FLAGS.mode == "evaluate":
+        from drsformer_jax import evaluate
+
+        try:
+            evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
+                                         FLAGS.output)
+        except (evaluate.EvaluationError, ValueError) as e:  # Dataset/CheckpointError too
+            raise SystemExit(f"error: {e}") from None
+        return
+    if FLAGS.checkpoint is not None or FLAGS.output is not None:
+        raise app.UsageError("--checkpoint and --output are for --mode evaluate")
+    if FLAGS.distributed:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+
+    from drsformer_jax import train
+
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (train.TrainingError, ValueError) as e:  # DatasetError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

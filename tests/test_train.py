@@ -1,0 +1,270 @@
+"""The trainer: schedule, clipping, and end-to-end runs of main.py on a tiny model.
+
+End-to-end runs go through subprocesses (so each can choose its device count)
+sharing one persistent compilation cache, so a program is compiled once.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from drsformer_jax import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny DRSformer on a tiny synthetic set: seconds per step on 2 CPU cores.
+TINY = [
+    "--config.dim=8", "--config.num_blocks=(1,1,1,1)", "--config.heads=(1,1,1,1)",
+    "--config.use_mefc=False", "--config.global_batch_size=4", "--config.crop_size=32",
+    "--config.dataset.synthetic.num_train=12", "--config.dataset.synthetic.num_test=2",
+    "--config.dataset.synthetic.height=40", "--config.dataset.synthetic.width=44",
+    "--config.log_every_steps=3", "--config.eval_every_steps=4",
+    "--config.checkpoint_every_steps=4",
+]
+
+
+def release_lr(iteration: int) -> float:
+    """The release's CosineAnnealingRestartCyclicLR (periods [92000, 208000], eta_mins
+    [3e-4, 1e-6], restart weights 1) at 1-based training iteration `iteration`: its
+    scheduler is stepped before every update except the first, so last_epoch = iteration - 1."""
+    last_epoch = iteration - 1
+    cumulative = [92000, 300000]
+    idx = next(i for i, c in enumerate(cumulative) if last_epoch <= c)
+    restart = 0 if idx == 0 else cumulative[idx - 1]
+    period = [92000, 208000][idx]
+    eta_min = [3e-4, 1e-6][idx]
+    return eta_min + 0.5 * (3e-4 - eta_min) * (1 + math.cos(math.pi * (last_epoch - restart)
+                                                             / period))
+
+
+@pytest.mark.parametrize("iteration", [1, 2, 50_000, 92_000, 92_001, 92_002, 150_000,
+                                       196_000, 299_999, 300_000])
+def test_schedule_matches_the_release(iteration):
+    lr_fn = train.create_learning_rate_fn(default.get_config())
+    # Update number `iteration` is optax count iteration - 1.
+    assert float(lr_fn(iteration - 1)) == pytest.approx(release_lr(iteration), rel=1e-5)
+
+
+def test_schedule_does_not_depend_on_num_train_steps():
+    a, b = default.get_config(), default.get_config()
+    b.num_train_steps = 1000
+    fa, fb = train.create_learning_rate_fn(a), train.create_learning_rate_fn(b)
+    for n in (0, 500, 92_001, 200_000, 400_000):
+        assert float(fa(n)) == float(fb(n))
+    assert float(fa(400_000)) == pytest.approx(1e-6)
+
+
+def test_clip_grad_norm_is_torchs():
+    grads = {"a": jnp.full((10,), 0.3), "b": jnp.full((5, 2), -0.4)}
+    norm = float(np.sqrt(10 * 0.09 + 10 * 0.16))
+    clipped, _ = train.clip_grad_norm(0.01).update(grads, None)
+    coef = 0.01 / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_
+    np.testing.assert_allclose(clipped["a"], 0.3 * coef, rtol=1e-6)
+    small, _ = train.clip_grad_norm(100.0).update(grads, None)
+    np.testing.assert_array_equal(small["b"], grads["b"])  # below the limit: unchanged
+
+
+def test_train_step_reduces_l1_loss():
+    config = default.get_config("synthetic")
+    config.dim, config.num_blocks, config.heads = 8, (1, 1, 1, 1), (1, 1, 1, 1)
+    config.use_mefc, config.learning_rate, config.seed = False, 2e-3, 0
+    model = train.create_model(config)
+    tx = train.create_optimizer(config)
+    state = train.create_train_state(config, model, tx)
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    batch = {"input": jnp.asarray(np.clip(clean + 0.3, 0, 1)), "target": jnp.asarray(clean)}
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx,
+                                                 learning_rate_fn=lambda c: 2e-3,
+                                                 mesh=mesh, leaf=1))
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train_loss"]))
+    assert int(state.step) == 8
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# --- end-to-end ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def run_main(workdir, data_root, env, *extra, devices=1, check=True, timeout=900):
+    e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/synthetic.py"),
+           "--workdir", str(workdir), f"--config.dataset.root={data_root}", *TINY, *extra]
+    proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text()
+            .splitlines()]
+
+
+def at(workdir, step, key):
+    values = [r[key] for r in records(workdir) if r["step"] == step and key in r]
+    assert len(values) == 1, (step, key, records(workdir))
+    return values[0]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_root, env):
+    workdir = tmp_path_factory.mktemp("straight")
+    run_main(workdir, data_root, env, "--config.num_train_steps=8")
+    return workdir
+
+
+def test_metrics_jsonl_has_training_and_evaluation_records(straight):
+    recs = records(straight)
+    train_steps = [r["step"] for r in recs if "train_loss" in r]
+    assert train_steps == [3, 6, 8]
+    for r in recs:
+        if "train_loss" in r:
+            assert {"learning_rate", "grad_norm", "steps_per_sec", "images_per_sec"} <= set(r)
+            assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
+    evals = [r for r in recs if "psnr" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    for r in evals:
+        assert {"ssim", "input_psnr"} <= set(r) and 0 < r["input_psnr"] < 40
+    assert (straight / "before_after.png").is_file()
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_is_exact(tmp_path, straight, data_root, env):
+    run_main(tmp_path, data_root, env, "--config.num_train_steps=5")  # stops mid log window
+    run_main(tmp_path, data_root, env, "--config.num_train_steps=8")
+    for key in ("train_loss", "grad_norm", "psnr", "ssim"):
+        assert at(tmp_path, 8, key) == pytest.approx(at(straight, 8, key), rel=1e-6), key
+    # The resumed run logged each step once.
+    steps = [r["step"] for r in records(tmp_path) if "train_loss" in r]
+    assert steps == [3, 5, 6, 8]
+
+
+def test_four_devices_match_one(tmp_path, straight, data_root, env):
+    run_main(tmp_path, data_root, env, "--config.num_train_steps=8", devices=4)
+    # The gradient sum is ordered the same way on any device count (train.loss_and_grads),
+    # so the runs agree far more tightly than the 1e-4 a plain all-reduce would allow.
+    for key in ("train_loss", "grad_norm", "psnr"):
+        assert at(tmp_path, 8, key) == pytest.approx(at(straight, 8, key), rel=1e-6), key
+
+
+def test_checkpoints_load_for_inference_and_export(straight, tmp_path):
+    import drsformer_jax
+    from drsformer_jax import convert, derain
+
+    model, variables = drsformer_jax.load(straight)
+    assert model.config()["dim"] == 8
+    y = jax.jit(model.apply)(variables, jnp.zeros((1, 16, 16, 3)))
+    assert y.shape == (1, 16, 16, 3)
+    assert convert.main(["--to-torch", "--checkpoint", str(straight),
+                         "--output", str(tmp_path / "trained.pth")]) == 0
+    assert (tmp_path / "trained.pth").stat().st_size > 10_000
+    from drsformer_jax.images import write_image
+
+    write_image(tmp_path / "in" / "a.png", np.full((13, 17, 3), 120, np.uint8))
+    assert derain.main(["--checkpoint", str(straight), "--input", str(tmp_path / "in"),
+                        "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "a.png").is_file()
+
+
+def test_bad_dataset_layout_is_one_clear_error(tmp_path, env):
+    (tmp_path / "data" / "train" / "Rain200H" / "input").mkdir(parents=True)
+    e = dict(env)
+    cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/rain200h.py"),
+           "--workdir", str(tmp_path / "w"), f"--config.dataset.root={tmp_path / 'data'}"]
+    proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "target" in last and "Rain200H" in last
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, env):
+    proc = run_main(tmp_path, data_root, env, "--config.num_train_steps=40",
+                    "--config.learning_rate=1e30", "--config.checkpoint_every_steps=1",
+                    "--config.eval_every_steps=100", "--config.log_every_steps=1", check=False)
+    assert proc.returncode != 0
+    assert "train_loss became" in proc.stderr and "Traceback" not in proc.stderr
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept, "a good checkpoint must remain"
+    assert all(math.isfinite(r["train_loss"]) for r in records(tmp_path) if "train_loss" in r)
+
+
+def test_sigterm_saves_and_the_run_resumes(tmp_path, data_root, env):
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/synthetic.py"),
+           "--workdir", str(tmp_path), f"--config.dataset.root={data_root}", *TINY,
+           "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+           "--config.eval_every_steps=100000", "--config.log_every_steps=1"]
+    proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "saved a checkpoint at step" in out
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 1
+    import drsformer_jax
+
+    drsformer_jax.load(tmp_path)  # the checkpoint is complete and loadable
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_match_one(tmp_path, straight, data_root, env):
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(pid), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+        cmd = [sys.executable, str(ROOT / "main.py"), "--distributed",
+               "--config", str(ROOT / "configs/synthetic.py"), "--workdir", str(tmp_path),
+               f"--config.dataset.root={data_root}", *TINY, "--config.num_train_steps=8"]
+        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 host(s)" in outs[0][0]
+    assert at(tmp_path, 8, "train_loss") == pytest.approx(at(straight, 8, "train_loss"),
+                                                          rel=1e-4)
