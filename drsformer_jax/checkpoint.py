@@ -33,10 +33,10 @@ def save_export(directory: str | os.PathLike, model_config: dict[str, Any], para
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{directory} exists and is not empty; pass --overwrite "
-                                  "to replace it")
+    if (directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+            and not overwrite):
+        raise FileExistsError(f"{directory} exists and is not empty; pass --overwrite "
+                              "to replace it")
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from drsformer_jax import metrics
-from drsformer_jax.images import ImageReadError, is_image_file, read_rgb8
+from drsformer_jax.images import ImageReadError, is_image_file, read_rgb8, write_bytes_atomic
 
 _SHOW = 5  # names listed for a group of unpaired files
 
@@ -114,17 +113,7 @@ def _score_pair(result: Path, target: Path, protocol: str) -> dict[str, float] |
 
 def write_json_atomic(path: Path, doc: dict) -> None:
     """Writes doc so that the file appears complete or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def _mean(values: list[float]) -> float:

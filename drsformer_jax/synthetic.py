@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,8 +390,5 @@ def ensure_dataset(cache_root: str | os.PathLike, name: str, num_train: int, num
         return folder
     write_dataset(folder, name, num_train, num_test, (height, width), regime, seed,
                   progress=progress)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".marker.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(params, f, indent=1)
-    os.replace(tmp, marker)
+    images.write_bytes_atomic(marker, (json.dumps(params, indent=1) + "\n").encode())
     return folder
