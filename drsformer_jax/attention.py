@@ -48,6 +48,7 @@ class TopKSparseAttention(nn.Module):
     num_heads: int
     use_bias: bool = False
     conv_impl: str = "auto"
+    channels_first: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -55,21 +56,32 @@ class TopKSparseAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        n, h, w = self.num_heads, x.shape[1], x.shape[2]
+        n = self.num_heads
+        cf = self.channels_first
+        h, w = (x.shape[2], x.shape[3]) if cf else (x.shape[1], x.shape[2])
         # Own parameters first: the release's state_dict lists them before the convs.
         temperature = self.param("temperature", nn.initializers.ones, (n, 1, 1),
                                  self.param_dtype)
         mix = [self.param(f"attn{i}", nn.initializers.constant(0.2), (1,), self.param_dtype)
                for i in range(1, 5)]
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.use_bias, channels_first=cf, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
         qkv = Conv(3 * self.dim, 1, name="qkv", **kw)(x)
         qkv = DepthwiseConv(3 * self.dim, 3, impl=self.conv_impl, name="qkv_dwconv", **kw)(qkv)
         # Channel index = head * c + i (head-major), as the release splits heads.
-        q, k, v = (rearrange(t, "b h w (n c) -> b (h w) n c", n=n)
-                   for t in jnp.split(qkv, 3, axis=-1))
+        # Channels first, each head's q, k, v are (c, H*W) matrices as in the release;
+        # channels last, (H*W, c).
+        if cf:
+            q, k, v = (rearrange(t, "b (n c) h w -> b n c (h w)", n=n)
+                       for t in jnp.split(qkv, 3, axis=1))
+            spatial, qk, pv = -1, "bncx,bndx->bncd", "bncd,bndx->bncx"
+        else:
+            q, k, v = (rearrange(t, "b h w (n c) -> b (h w) n c", n=n)
+                       for t in jnp.split(qkv, 3, axis=-1))
+            spatial, qk, pv = 1, "bxnc,bxnd->bncd", "bncd,bxnd->bxnc"
 
-        q, k = (numerics.l2_normalize(t.astype(jnp.float32), axis=1) for t in (q, k))
-        scores = jnp.einsum("bxnc,bxnd->bncd", q.astype(self.dtype), k.astype(self.dtype),
+        q, k = (numerics.l2_normalize(t.astype(jnp.float32), axis=spatial) for t in (q, k))
+        scores = jnp.einsum(qk, q.astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         scores = scores * temperature.astype(jnp.float32)
 
@@ -79,7 +91,9 @@ class TopKSparseAttention(nn.Module):
             p = numerics.softmax(jnp.where(keep, scores, -jnp.inf), axis=-1)
             probs = probs + weight.astype(jnp.float32) * p
 
-        out = jnp.einsum("bncd,bxnd->bxnc", probs.astype(self.dtype), v.astype(self.dtype))
-        out = rearrange(out, "b (h w) n c -> b h w (n c)", h=h, w=w)
+        out = jnp.einsum(pv, probs.astype(self.dtype), v.astype(self.dtype))
+        if cf:
+            out = rearrange(out, "b n c (h w) -> b (n c) h w", h=h, w=w)
+        else:
+            out = rearrange(out, "b (h w) n c -> b h w (n c)", h=h, w=w)
         return Conv(self.dim, 1, name="project_out", **kw)(out)
-

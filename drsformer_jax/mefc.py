@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from drsformer_jax import numerics
 from drsformer_jax.convolution import Conv, DepthwiseConv
@@ -31,13 +32,15 @@ class Expert(nn.Module):
 
     kind: str
     conv_impl: str = "auto"
+    channels_first: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c, k = x.shape[-1], _kernel_size(self.kind)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c, k = x.shape[1 if self.channels_first else -1], _kernel_size(self.kind)
+        kw = dict(channels_first=self.channels_first, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
         dw = dict(impl=self.conv_impl, **kw)
         if self.kind.startswith("sep_conv"):
             x = DepthwiseConv(c, k, name="dw1", **dw)(x)
@@ -48,9 +51,33 @@ class Expert(nn.Module):
             x = DepthwiseConv(c, k, dilation=2, name="dw", **dw)(x)
             return Conv(c, 1, name="pw", **kw)(x)
         if self.kind == "avg_pool_3x3":
-            return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                               count_include_pad=False)
+            return avg_pool_3x3(x, self.channels_first)
         raise ValueError(f"unknown MEFC expert {self.kind!r}")
+
+
+def avg_pool_3x3(x: jax.Array, channels_first: bool = False) -> jax.Array:
+    """3x3 mean, stride 1, zero padding 1 excluded from the count (PyTorch's
+    count_include_pad=False): separable shifted sums times the reciprocal count,
+    a constant computed here rather than by XLA."""
+    hax, wax = (2, 3) if channels_first else (1, 2)
+    h, w = x.shape[hax], x.shape[wax]
+
+    def box3(t: jax.Array, axis: int) -> jax.Array:
+        n = t.shape[axis]
+        pad = [(0, 0)] * t.ndim
+        pad[axis] = (1, 1)
+        tp = jnp.pad(t, pad)
+        return sum(jax.lax.slice_in_dim(tp, i, i + n, axis=axis) for i in range(3))
+
+    def counts(n: int) -> np.ndarray:
+        c = np.full(n, 3.0)
+        c[0] -= 1
+        c[-1] -= 1
+        return c
+
+    inv = 1.0 / np.outer(counts(h), counts(w))
+    inv = inv if channels_first else inv[:, :, None]
+    return box3(box3(x, hax), wax) * jnp.asarray(inv, x.dtype)
 
 
 class MEFC(nn.Module):
@@ -63,25 +90,27 @@ class MEFC(nn.Module):
 
     steps: int = 4
     conv_impl: str = "auto"
+    channels_first: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, c = x.shape[0], x.shape[-1]
+        cf = self.channels_first
+        b, c = x.shape[0], x.shape[1 if cf else -1]
         num_ops = len(EXPERTS)
         hidden = 2 * self.steps * num_ops
         dense = dict(kernel_init=torch_default_init, param_dtype=self.param_dtype,
                      dtype=jnp.float32)
         # The router is tiny; it runs in float32 whatever the computation dtype.
-        y = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        y = jnp.mean(x.astype(jnp.float32), axis=(2, 3) if cf else (1, 2))
         y = nn.relu(nn.Dense(hidden, bias_init=torch_bias_init(c), name="router_fc1",
                              **dense)(y))
         y = nn.Dense(self.steps * num_ops, bias_init=torch_bias_init(hidden),
                      name="router_fc2", **dense)(y)
         weights = numerics.softmax(y.reshape(b, self.steps, num_ops), axis=-1)
 
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(channels_first=cf, dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.relu(Conv(c, 1, name="preprocess", **kw)(x))
         for s in range(self.steps):
             outs = []
@@ -89,6 +118,6 @@ class MEFC(nn.Module):
                 e = Expert(kind, conv_impl=self.conv_impl, name=f"step_{s}_{kind}", **kw)(x)
                 outs.append(e * weights[:, s, j, None, None, None].astype(e.dtype))
             fused = nn.relu(Conv(c, 1, name=f"step_{s}_fuse", **kw)(
-                jnp.concatenate(outs, axis=-1)))
+                jnp.concatenate(outs, axis=1 if cf else -1)))
             x = nn.relu(fused + x)
         return x

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from drsformer_jax.attention import TopKSparseAttention
-from drsformer_jax.convolution import Conv
+from drsformer_jax.convolution import LAYOUTS, Conv, resolve_layout
 from drsformer_jax.feedforward import MixedScaleFeedForward
 from drsformer_jax.mefc import MEFC
 from drsformer_jax.normalization import LayerNorm
@@ -21,13 +21,20 @@ from drsformer_jax.normalization import LayerNorm
 SIZE_MULTIPLE = 8
 
 
-def pixel_unshuffle(x: jax.Array, r: int = 2) -> jax.Array:
-    """(N, H, W, C) -> (N, H/r, W/r, C*r*r), PyTorch's channel order c*r*r + dy*r + dx."""
+def pixel_unshuffle(x: jax.Array, r: int = 2, channels_first: bool = False) -> jax.Array:
+    """(N, H, W, C) -> (N, H/r, W/r, C*r*r), PyTorch's channel order c*r*r + dy*r + dx.
+
+    With `channels_first`, (N, C, H, W) -> (N, C*r*r, H/r, W/r), same channel order.
+    """
+    if channels_first:
+        return rearrange(x, "b c (h dy) (w dx) -> b (c dy dx) h w", dy=r, dx=r)
     return rearrange(x, "b (h dy) (w dx) c -> b h w (c dy dx)", dy=r, dx=r)
 
 
-def pixel_shuffle(x: jax.Array, r: int = 2) -> jax.Array:
+def pixel_shuffle(x: jax.Array, r: int = 2, channels_first: bool = False) -> jax.Array:
     """Inverse of `pixel_unshuffle`: (N, H, W, C*r*r) -> (N, H*r, W*r, C)."""
+    if channels_first:
+        return rearrange(x, "b (c dy dx) h w -> b c (h dy) (w dx)", dy=r, dx=r)
     return rearrange(x, "b h w (c dy dx) -> b (h dy) (w dx) c", dy=r, dx=r)
 
 
@@ -40,12 +47,14 @@ class TransformerBlock(nn.Module):
     use_bias: bool = False
     layernorm_type: str = "WithBias"
     conv_impl: str = "auto"
+    channels_first: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(channels_first=self.channels_first, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
         ln = dict(kind=self.layernorm_type, **kw)
         x = x + TopKSparseAttention(self.dim, self.num_heads, self.use_bias, self.conv_impl,
                                     name="attn", **kw)(LayerNorm(name="norm1", **ln)(x))
@@ -57,27 +66,31 @@ class TransformerBlock(nn.Module):
 class Downsample(nn.Module):
     """conv3x3 C -> C/2, then pixel-unshuffle(2): 2C channels at half size."""
 
+    channels_first: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = Conv(x.shape[-1] // 2, 3, name="conv", dtype=self.dtype,
-                 param_dtype=self.param_dtype)(x)
-        return pixel_unshuffle(x)
+        cax = 1 if self.channels_first else -1
+        x = Conv(x.shape[cax] // 2, 3, name="conv", channels_first=self.channels_first,
+                 dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return pixel_unshuffle(x, channels_first=self.channels_first)
 
 
 class Upsample(nn.Module):
     """conv3x3 C -> 2C, then pixel-shuffle(2): C/2 channels at double size."""
 
+    channels_first: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = Conv(x.shape[-1] * 2, 3, name="conv", dtype=self.dtype,
-                 param_dtype=self.param_dtype)(x)
-        return pixel_shuffle(x)
+        cax = 1 if self.channels_first else -1
+        x = Conv(x.shape[cax] * 2, 3, name="conv", channels_first=self.channels_first,
+                 dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return pixel_shuffle(x, channels_first=self.channels_first)
 
 
 class DRSformer(nn.Module):
@@ -90,7 +103,10 @@ class DRSformer(nn.Module):
     without MEFC used for Rain200L and SPA-Data. `dtype` is the computation dtype
     (parameters stay `param_dtype`); `remat` rematerialises each transformer
     block and MEFC in the backward pass to save memory; `conv_impl` picks the
-    depthwise / grouped convolution formulation (see `convolution.py`).
+    depthwise / grouped convolution formulation and `layout` the activation
+    layout inside the model ("auto": NCHW on CPU, NHWC elsewhere; see
+    `convolution.py`). Input and output are NHWC whatever the layout, and the
+    parameters are the same.
     """
 
     inp_channels: int = 3
@@ -106,6 +122,7 @@ class DRSformer(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     conv_impl: str = "auto"
+    layout: str = "auto"
 
     def config(self) -> dict[str, Any]:
         """The architecture fields as a JSON-friendly dict (no dtype / runtime choices)."""
@@ -114,7 +131,11 @@ class DRSformer(nn.Module):
     @nn.compact
     def __call__(self, inp: jax.Array) -> jax.Array:
         self._check_input(inp)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        cf = resolve_layout(self.layout) == "NCHW"
+        cax = 1 if cf else -1
+        kw = dict(channels_first=cf, dtype=self.dtype, param_dtype=self.param_dtype)
         block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         mefc_cls = nn.remat(MEFC) if self.remat else MEFC
 
@@ -126,7 +147,10 @@ class DRSformer(nn.Module):
 
         d = self.dim
         nb, nh = self.num_blocks, self.heads
-        x = Conv(d, 3, name="patch_embed", **kw)(inp.astype(self.dtype))
+        x = inp.astype(self.dtype)
+        if cf:
+            x = jnp.transpose(x, (0, 3, 1, 2))
+        x = Conv(d, 3, name="patch_embed", **kw)(x)
         if self.use_mefc:
             x = mefc_cls(conv_impl=self.conv_impl, name="encoder_level0", **kw)(x)
         e1 = level(x, "encoder_level1", nb[0], d, nh[0])
@@ -134,18 +158,20 @@ class DRSformer(nn.Module):
         e3 = level(Downsample(name="down2_3", **kw)(e2), "encoder_level3", nb[2], 4 * d, nh[2])
         lat = level(Downsample(name="down3_4", **kw)(e3), "latent", nb[3], 8 * d, nh[3])
 
-        x = jnp.concatenate([Upsample(name="up4_3", **kw)(lat), e3], axis=-1)
+        x = jnp.concatenate([Upsample(name="up4_3", **kw)(lat), e3], axis=cax)
         x = Conv(4 * d, 1, use_bias=self.bias, name="reduce_chan_level3", **kw)(x)
         x = level(x, "decoder_level3", nb[2], 4 * d, nh[2])
-        x = jnp.concatenate([Upsample(name="up3_2", **kw)(x), e2], axis=-1)
+        x = jnp.concatenate([Upsample(name="up3_2", **kw)(x), e2], axis=cax)
         x = Conv(2 * d, 1, use_bias=self.bias, name="reduce_chan_level2", **kw)(x)
         x = level(x, "decoder_level2", nb[1], 2 * d, nh[1])
         # No 1x1 reduction at level 1: the decoder runs at 2 * dim channels.
-        x = jnp.concatenate([Upsample(name="up2_1", **kw)(x), e1], axis=-1)
+        x = jnp.concatenate([Upsample(name="up2_1", **kw)(x), e1], axis=cax)
         x = level(x, "decoder_level1", nb[0], 2 * d, nh[0])
         if self.use_mefc:
             x = mefc_cls(conv_impl=self.conv_impl, name="refinement", **kw)(x)
         x = Conv(self.out_channels, 3, use_bias=self.bias, name="output", **kw)(x)
+        if cf:
+            x = jnp.transpose(x, (0, 2, 3, 1))
         return x.astype(jnp.float32) + inp.astype(jnp.float32)
 
     def _check_input(self, inp: jax.Array) -> None:

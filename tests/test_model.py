@@ -111,7 +111,8 @@ def reference_conv(x, kernel, dilation=1):
     out = np.zeros(x.shape[:3] + (cout,), np.float64)
     for i in range(kh):
         for j in range(kw):
-            tap = xp[:, i * dilation: i * dilation + x.shape[1], j * dilation: j * dilation + x.shape[2]]
+            tap = xp[:, i * dilation: i * dilation + x.shape[1],
+                     j * dilation: j * dilation + x.shape[2]]
             out += tap @ kernel[i, j]
     return out
 
@@ -214,3 +215,33 @@ def test_computation_dtype_bfloat16_keeps_float32_params_and_output(tiny):
     y16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, x)
     assert y16.dtype == jnp.float32
     assert float(jnp.abs(y16 - y32).max()) < 0.1
+
+
+def test_layouts_agree_and_keep_nhwc_interface(tiny):
+    model, variables = tiny
+    x = jnp.asarray(np.random.default_rng(9).uniform(size=(2, 16, 24, 3)), jnp.float32)
+    nhwc = jax.jit(model.clone(layout="NHWC").apply)(variables, x)
+    nchw = jax.jit(model.clone(layout="NCHW").apply)(variables, x)
+    assert nhwc.shape == nchw.shape == x.shape
+    np.testing.assert_allclose(nchw, nhwc, atol=1e-5)
+    with pytest.raises(ValueError, match="layout"):
+        model.clone(layout="NWHC").apply(variables, x)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_remat_keeps_outputs_and_gradients(tiny, layout):
+    model, variables = tiny
+    x = jnp.asarray(np.random.default_rng(10).uniform(size=(1, 16, 16, 3)), jnp.float32)
+
+    def loss(params, m):
+        return jnp.mean(jnp.abs(m.apply({"params": params}, x) - 0.5))
+
+    plain, remat = model.clone(layout=layout), model.clone(layout=layout, remat=True)
+    l0, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables["params"], plain)
+    l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables["params"], remat)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    flat0 = jax.tree_util.tree_leaves_with_path(g0)
+    flat1 = dict(jax.tree_util.tree_leaves_with_path(g1))
+    assert len(flat0) == len(flat1) > 50
+    for path, g in flat0:
+        np.testing.assert_allclose(flat1[path], g, rtol=1e-4, atol=1e-6, err_msg=str(path))
