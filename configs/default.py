@@ -26,6 +26,7 @@ def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
     config.dtype = "float32"  # computation dtype: "float32" or "bfloat16"
     config.remat = False  # rematerialise each transformer block / MEFC to save memory
     config.conv_impl = "auto"  # depthwise/grouped conv formulation: auto, xla, shift
+    config.layout = "auto"  # activations inside the model: auto (NCHW on CPU), NHWC, NCHW
 
     # Optimisation: L1 loss, AdamW, constant 92k then cosine to 1e-6 over 208k.
     config.seed = 100  # the release's manual_seed

@@ -62,7 +62,8 @@ def create_model(config: Any, **overrides: Any) -> DRSformer:
     if dtype not in DTYPES:
         raise TrainingError(f"config.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     kwargs = dict(fields, dtype=DTYPES[dtype], remat=bool(config.get("remat", False)),
-                  conv_impl=str(config.get("conv_impl", "auto")))
+                  conv_impl=str(config.get("conv_impl", "auto")),
+                  layout=str(config.get("layout", "auto")))
     kwargs.update(overrides)
     return DRSformer(**kwargs)
 
