@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drsformer_jax.convolution import Conv, DepthwiseConv, GroupedConv
+from drsformer_jax.convolution import Conv, DepthwiseConv, GroupedConv, channel_axis
 
 
 def hidden_features(dim: int, ffn_expansion_factor: float) -> int:
@@ -40,7 +40,7 @@ class MixedScaleFeedForward(nn.Module):
         h = hidden_features(self.dim, self.ffn_expansion_factor)
         kw = dict(use_bias=self.use_bias, channels_first=self.channels_first, dtype=self.dtype,
                   param_dtype=self.param_dtype)
-        cax = 1 if self.channels_first else -1
+        cax = channel_axis(self.channels_first)
         x = Conv(2 * h, 1, name="project_in", **kw)(x)
         d3 = nn.relu(DepthwiseConv(2 * h, 3, impl=self.conv_impl, name="dwconv3x3", **kw)(x))
         d5 = nn.relu(DepthwiseConv(2 * h, 5, impl=self.conv_impl, name="dwconv5x5", **kw)(x))

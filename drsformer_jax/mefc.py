@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drsformer_jax import numerics
-from drsformer_jax.convolution import Conv, DepthwiseConv
+from drsformer_jax.convolution import Conv, DepthwiseConv, channel_axis
 from drsformer_jax.initializers import torch_bias_init, torch_default_init
 
 # The eight experts, in the release's order (op index j in the checkpoint).
@@ -38,7 +38,7 @@ class Expert(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c, k = x.shape[1 if self.channels_first else -1], _kernel_size(self.kind)
+        c, k = x.shape[channel_axis(self.channels_first)], _kernel_size(self.kind)
         kw = dict(channels_first=self.channels_first, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         dw = dict(impl=self.conv_impl, **kw)
@@ -97,7 +97,7 @@ class MEFC(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cf = self.channels_first
-        b, c = x.shape[0], x.shape[1 if cf else -1]
+        b, c = x.shape[0], x.shape[channel_axis(cf)]
         num_ops = len(EXPERTS)
         hidden = 2 * self.steps * num_ops
         dense = dict(kernel_init=torch_default_init, param_dtype=self.param_dtype,
@@ -118,6 +118,6 @@ class MEFC(nn.Module):
                 e = Expert(kind, conv_impl=self.conv_impl, name=f"step_{s}_{kind}", **kw)(x)
                 outs.append(e * weights[:, s, j, None, None, None].astype(e.dtype))
             fused = nn.relu(Conv(c, 1, name=f"step_{s}_fuse", **kw)(
-                jnp.concatenate(outs, axis=1 if cf else -1)))
+                jnp.concatenate(outs, axis=channel_axis(cf))))
             x = nn.relu(fused + x)
         return x

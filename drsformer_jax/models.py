@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from drsformer_jax.attention import TopKSparseAttention
-from drsformer_jax.convolution import LAYOUTS, Conv, resolve_layout
+from drsformer_jax.convolution import Conv, channel_axis, resolve_layout
 from drsformer_jax.feedforward import MixedScaleFeedForward
 from drsformer_jax.mefc import MEFC
 from drsformer_jax.normalization import LayerNorm
@@ -72,7 +72,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cax = 1 if self.channels_first else -1
+        cax = channel_axis(self.channels_first)
         x = Conv(x.shape[cax] // 2, 3, name="conv", channels_first=self.channels_first,
                  dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return pixel_unshuffle(x, channels_first=self.channels_first)
@@ -87,7 +87,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cax = 1 if self.channels_first else -1
+        cax = channel_axis(self.channels_first)
         x = Conv(x.shape[cax] * 2, 3, name="conv", channels_first=self.channels_first,
                  dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return pixel_shuffle(x, channels_first=self.channels_first)
@@ -131,10 +131,8 @@ class DRSformer(nn.Module):
     @nn.compact
     def __call__(self, inp: jax.Array) -> jax.Array:
         self._check_input(inp)
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         cf = resolve_layout(self.layout) == "NCHW"
-        cax = 1 if cf else -1
+        cax = channel_axis(cf)
         kw = dict(channels_first=cf, dtype=self.dtype, param_dtype=self.param_dtype)
         block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         mefc_cls = nn.remat(MEFC) if self.remat else MEFC

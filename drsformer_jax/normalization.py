@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from drsformer_jax.convolution import channel_axis
+
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
@@ -31,7 +33,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind not in LAYERNORM_TYPES:
             raise ValueError(f"layernorm_type must be one of {LAYERNORM_TYPES}, got {self.kind!r}")
-        axis = 1 if self.channels_first else -1
+        axis = channel_axis(self.channels_first)
         c = x.shape[axis]
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=axis, keepdims=True)

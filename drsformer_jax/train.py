@@ -246,22 +246,25 @@ def eval_step(params: Any, images: jax.Array, *, model: DRSformer) -> jax.Array:
 
 def evaluate(restore_fn: Callable[[jax.Array], jax.Array],
              eval_set: list[tuple[str, np.ndarray, np.ndarray]], protocol: str,
-             process_index: int = 0, process_count: int = 1) -> dict[str, float]:
+             process_index: int = 0, process_count: int = 1,
+             on_image: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+             ) -> dict[str, float]:
     """PSNR / SSIM (Y channel, `protocol`) of the restored test images, and of the inputs.
 
     Whole images, reflect-padded to a multiple of 8 and cropped back, rounded to
     8 bits as saved results would be. Each process scores every
     `process_count`-th image; the sums are combined across processes.
+    `on_image(index, rainy, restored, clean)` sees each image this process restores.
     """
     from drsformer_jax.images import from_float, to_float
-    from drsformer_jax.inference import pad_to_multiple
+    from drsformer_jax.inference import restore_image
 
     sums = np.zeros(5, np.float64)  # psnr, ssim, input psnr, input ssim, count
-    for name, rainy, clean in eval_set[process_index::process_count]:
-        del name
-        h, w = rainy.shape[:2]
-        x = pad_to_multiple(to_float(rainy))[None]
-        restored = from_float(np.asarray(restore_fn(jnp.asarray(x)))[0, :h, :w])
+    for index in range(process_index, len(eval_set), process_count):
+        _, rainy, clean = eval_set[index]
+        restored = from_float(restore_image(restore_fn, to_float(rainy)))
+        if on_image is not None:
+            on_image(index, rainy, restored, clean)
         out = metrics_lib.evaluate(restored, clean, protocol)
         inp = metrics_lib.evaluate(rainy, clean, protocol)
         sums += [out["psnr"], out["ssim"], inp["psnr"], inp["ssim"], 1.0]
@@ -420,20 +423,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         params = jax.tree_util.tree_map(
             lambda x: jax.device_put(x.addressable_data(0), local_device), state.params)
         t0 = time.perf_counter()
+
+        def before_after(index: int, rainy: np.ndarray, restored: np.ndarray,
+                         clean: np.ndarray) -> None:
+            if index == 0:  # the first test image, restored by process 0
+                write_before_after(workdir_path / "before_after.png", rainy, restored, clean)
+
         result = evaluate(lambda x: eval_fn(params, x), eval_set, str(config.eval_protocol),
-                          jax.process_index(), n_procs)
+                          jax.process_index(), n_procs, on_image=before_after)
         _log(f"step {step}: eval PSNR {result['psnr']:.2f} dB (input {result['input_psnr']:.2f}"
              f" dB), SSIM {result['ssim']:.4f} (input {result['input_ssim']:.4f}) on "
              f"{len(eval_set)} images in {time.perf_counter() - t0:.1f}s")
-        if jax.process_index() == 0 and eval_set:
-            name, rainy, clean = eval_set[0]
-            h, w = rainy.shape[:2]
-            from drsformer_jax.images import from_float, to_float
-            from drsformer_jax.inference import pad_to_multiple
-
-            x = pad_to_multiple(to_float(rainy))[None]
-            restored = from_float(np.asarray(eval_fn(params, jnp.asarray(x)))[0, :h, :w])
-            write_before_after(workdir_path / "before_after.png", rainy, restored, clean)
         return result
 
     def save(step: int, eval_metrics: dict[str, float] | None) -> None:
