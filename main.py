@@ -8,13 +8,19 @@ Starting again in the same workdir resumes from its latest checkpoint. On a
 TPU pod slice or several GPU hosts, run the same command on every host with
 --distributed (see README.md). --mode evaluate derains the config's test split
 with the workdir's best checkpoint (or --checkpoint) and scores it under the
-data set's benchmark protocol (drsformer_jax/evaluate.py), on one process.
+data set's benchmark protocol (drsformer_jax/evaluation/evaluator.py), on one process.
 """
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from drsformer_jax.evaluation.evaluator import EvaluationError, evaluate_checkpoint  # noqa: E402
+from drsformer_jax.train import TrainingError, train_and_evaluate  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -48,17 +54,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    import jax
-
     if FLAGS.mode == "evaluate":
-        from drsformer_jax import evaluate
-
         try:
-            evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                                         FLAGS.output)
-        except (evaluate.EvaluationError, ValueError) as e:  # Dataset/CheckpointError too
+            evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.output)
+        except (EvaluationError, ValueError) as e:  # Dataset/CheckpointError too
             raise SystemExit(f"error: {e}") from None
         return
     if FLAGS.checkpoint is not None or FLAGS.output is not None:
@@ -68,11 +68,9 @@ def main(argv):
                                    num_processes=FLAGS.num_processes,
                                    process_id=FLAGS.process_id)
 
-    from drsformer_jax import train
-
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (train.TrainingError, ValueError) as e:  # DatasetError is a ValueError
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (TrainingError, ValueError) as e:  # DatasetError is a ValueError
         raise SystemExit(f"error: {e}") from None
 
 

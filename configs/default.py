@@ -6,7 +6,7 @@ Every field can be overridden on the command line, e.g.
 
 import ml_collections
 
-from drsformer_jax.input_pipeline import default_dataset_config
+from drsformer_jax.data.sources import default_dataset_config
 
 
 def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
@@ -42,11 +42,6 @@ def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
     config.adam_eps = 1e-8
     config.weight_decay = 1e-4
     config.grad_clip_norm = 0.01
-    # Examples per gradient leaf. Leaves are summed in a fixed tree order, so with
-    # power-of-two counts a run is bitwise the same on 1 device or on many (training
-    # is chaotic: an ordinary all-reduce's rounding grows to 1e-3 in ten steps).
-    # 0 = one leaf per device: the fastest, reproducible only at a fixed device count.
-    config.grad_leaf_size = 1
 
     # Logging, evaluation, checkpoints.
     config.log_every_steps = 100

@@ -1,10 +1,28 @@
 """DRSformer (CVPR 2023) image deraining in JAX / Flax.
 
-    model, variables = drsformer_jax.load("converted/")
+    model, variables = drsformer_jax.load("converted/")   # or a workdir, or a .pth
     restored = model.apply(variables, rainy)   # NHWC float32 in [0, 1]
 
-Submodules are imported lazily so that `import drsformer_jax` stays cheap and
-never pulls in TensorFlow (only the input pipeline uses it).
+Subpackages, by concern:
+  model/        the network (U-Net, TKSA, MSFN, MEFC, layers, PyTorch-style init)
+  data/         pair sources, the tf.data training pipeline, TFDS builders, synthetic rain
+  checkpoints/  export directories, training checkpoints, release .pth files, `load`
+  train/        train state, optimizer and step; the training loop; metric logging
+  evaluation/   PSNR / SSIM protocols, score files, the one evaluator
+  inference/    padding and tiles, memory planning, the compilation cache, the Restorer
+  utils/        the one image reader / writer, file helpers
+The command-line tools are the top-level modules (`python -m drsformer_jax.<tool>`):
+derain, score, convert, benchmark, rain_datasets.
+
+The TensorFlow boundary: `model`, `checkpoints`, `inference`, `evaluation` and
+the train step import without TensorFlow. TensorFlow is imported in one place,
+`utils.lazy_tf.import_tf()`, called only when the tf.data pipeline
+(`data.pipeline`), a TFDS source (`data.sources.TfdsPairs`, which imports
+`data.tfds_builders` inside its constructor) or TensorBoard logging
+(`train.metric_writer`) is used. Those, and PyTorch in `benchmark
+--compare-torch`, are the only function-level imports in the package.
+
+Submodules are imported lazily here so that `import drsformer_jax` stays cheap.
 """
 
 from __future__ import annotations
@@ -15,12 +33,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DRSformer": ("drsformer_jax.models", "DRSformer"),
-    "load": ("drsformer_jax.checkpoint", "load"),
-    "save": ("drsformer_jax.checkpoint", "save"),
+    "DRSformer": ("drsformer_jax.model.drsformer", "DRSformer"),
+    "load": ("drsformer_jax.checkpoints.loading", "load"),
 }
 
-__all__ = ["DRSformer", "load", "save", "__version__"]
+__all__ = ["DRSformer", "load", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -8,8 +8,9 @@ Every figure is taken after compilation (and, for PyTorch, after one warm-up
 call) and is the median of `--steps` timed calls on the same input. Weights are
 random (PyTorch's default initialisation on both sides): the cost is the
 converted weights'. The train step is the whole update, L1 loss, gradient,
-global-norm clipping and AdamW, with `drsformer_jax.train`'s `train_step` and
-the release's optimizer settings; the PyTorch train step is the release's
+global-norm clipping and AdamW: the step `train_and_evaluate` runs
+(`train.make_train_step`, the batch sharded over every device), with the
+release's optimizer settings; the PyTorch train step is the release's
 (torch.optim.AdamW, clip_grad_norm_, L1 loss). `--compare-torch` imports the
 release's architecture file from `--reference-repo` (nothing of it is copied
 here) and runs it on the same inputs, on CPU, in the same process, and reports
@@ -29,16 +30,19 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from runpy import run_path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from drsformer_jax.convolution import resolve_conv_impl, resolve_layout
-from drsformer_jax.models import DRSformer, count_params
+from drsformer_jax import train
+from drsformer_jax.model.convolution import resolve_conv_impl, resolve_layout
+from drsformer_jax.model.drsformer import DTYPES, DRSformer, count_params, from_config, init_params
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("forward", "train")
 # The release's optimisation settings (Options/Deraining.yml).
 RELEASE_OPTIM = dict(learning_rate=3e-4, min_learning_rate=1e-6, lr_constant_steps=92_000,
@@ -65,9 +69,9 @@ def _inputs(batch: int, height: int, width: int, seed: int = 0) -> tuple[np.ndar
 
 
 def build_model(args: argparse.Namespace) -> DRSformer:
-    return DRSformer(dim=args.dim, num_blocks=tuple(args.num_blocks), heads=tuple(args.heads),
-                     use_mefc=args.use_mefc, dtype=DTYPES[args.dtype], remat=args.remat,
-                     conv_impl=args.conv_impl, layout=args.layout)
+    return from_config(dict(dim=args.dim, num_blocks=args.num_blocks, heads=args.heads,
+                            use_mefc=args.use_mefc, dtype=args.dtype, remat=args.remat,
+                            conv_impl=args.conv_impl, layout=args.layout))
 
 
 def _block(tree: Any) -> Any:
@@ -85,67 +89,33 @@ def bench_jax_forward(model: DRSformer, params: Any, rainy: np.ndarray,
     return {"compile_and_first_call_s": compile_s, **result}
 
 
-def _train_step_fn(model: DRSformer, params: Any, batch: int) -> tuple[Callable, Any, str]:
-    """(step(state, batch) -> (state, loss), initial state, description)."""
-    import ml_collections
-    import optax
-
-    try:
-        from drsformer_jax import train
-    except ImportError:  # pragma: no cover - train.py is optional for this module
-        train = None
-    config = ml_collections.ConfigDict(dict(RELEASE_OPTIM, grad_leaf_size=0))
-    if train is not None:
-        tx = train.create_optimizer(config)
-        lr_fn = train.create_learning_rate_fn(config)
-        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                 opt_state=tx.init(params))
-        step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx,
-                                                     learning_rate_fn=lr_fn, mesh=mesh,
-                                                     leaf=batch), donate_argnums=0)
-        return step, state, "drsformer_jax.train.train_step (1 device, 1 leaf)"
-
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),  # pragma: no cover
-                     optax.adamw(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2,
-                                 eps=config.adam_eps, weight_decay=config.weight_decay))
-
-    def step(state: Any, b: dict[str, jax.Array]) -> Any:  # pragma: no cover
-        p, opt = state
-
-        def loss_fn(p: Any) -> jax.Array:
-            out = model.apply({"params": p}, b["input"])
-            return jnp.mean(jnp.abs(out - b["target"]))
-
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, opt = tx.update(grads, opt, p)
-        return (optax.apply_updates(p, updates), opt), {"train_loss": loss}
-
-    return (jax.jit(step, donate_argnums=0), (params, tx.init(params)),  # pragma: no cover
-            "optax clip + adamw built in benchmark.py")
-
-
 def bench_jax_train(model: DRSformer, params: Any, rainy: np.ndarray, clean: np.ndarray,
                     steps: int) -> dict[str, Any]:
-    step, state, how = _train_step_fn(model, params, rainy.shape[0])
-    batch = {"input": jnp.asarray(rainy), "target": jnp.asarray(clean)}
+    """Times `train.make_train_step`'s step, as `train_and_evaluate` runs it, on every device."""
+    config = ml_collections.ConfigDict(dict(RELEASE_OPTIM, global_batch_size=rainy.shape[0]))
+    tx = train.create_optimizer(config)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    step = train.make_train_step(config, model, tx, mesh)
+    state = jax.device_put(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                            opt_state=tx.init(params)), step.state_sharding)
+    batch = {"input": jax.device_put(rainy, step.batch_sharding),
+             "target": jax.device_put(clean, step.batch_sharding)}
     box = {"state": state}
 
     def call() -> None:
-        box["state"], metrics = step(box["state"], batch)
+        box["state"], metrics = step.fn(box["state"], batch)
         _block(metrics)
 
     start = time.perf_counter()
     call()
     compile_s = time.perf_counter() - start
     result = time_calls(call, steps)
-    return {"compile_and_first_call_s": compile_s, "train_step": how, **result}
+    return {"compile_and_first_call_s": compile_s, "devices": mesh.shape["data"],
+            "train_step": "drsformer_jax.train.make_train_step", **result}
 
 
 def load_release_model(reference_repo: Path, args: argparse.Namespace) -> Any:
     """The release's DRSformer class, imported from its checkout (as the parity tool does)."""
-    from runpy import run_path
-
     path = Path(reference_repo) / "basicsr" / "models" / "archs" / ARCH_FILES[args.use_mefc]
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --reference-repo must be a checkout of "
@@ -231,8 +201,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from drsformer_jax.initializers import init_params
-
     model = build_model(args)
     params = init_params(model, 0)
     rainy, clean = _inputs(args.batch, args.height, args.width)

@@ -7,17 +7,15 @@ import pytest
 from flax import traverse_util
 
 from drsformer_jax import convert
-from drsformer_jax.convert import (
-    ConversionError,
+from drsformer_jax.checkpoints.conversion import ConversionError, infer_config, state_dict_to_flax
+from drsformer_jax.checkpoints.names import (
     flax_to_torch,
-    infer_config,
-    state_dict_to_flax,
     to_flax_array,
     torch_sort_key,
     torch_to_flax,
 )
+from drsformer_jax.checkpoints.torch_format import TorchCheckpointError, load_pth, save_pth
 from drsformer_jax.testing import random_state_dict
-from drsformer_jax.torch_checkpoint import TorchCheckpointError, load_pth, save_pth
 
 
 def read_table(path):
@@ -36,7 +34,7 @@ def expected_flax_shapes(config):
     import jax
     import jax.numpy as jnp
 
-    from drsformer_jax.models import from_config
+    from drsformer_jax.model.drsformer import from_config
 
     model = from_config(config)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))

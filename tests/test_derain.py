@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from drsformer_jax import derain, inference
-from drsformer_jax.images import ImageReadError, read_image, write_image
+from drsformer_jax.inference import photos
+from drsformer_jax.utils.images import ImageReadError, read_image, write_image
 
 RNG = np.random.default_rng(1)
 
@@ -120,7 +121,7 @@ def test_pad_to_multiple_small_and_thin_images(shape):
 
 
 def test_output_names_are_unique():
-    names = derain.output_names([Path(n) for n in (
+    names = photos.output_names([Path(n) for n in (
         "a.jpg", "a.png", "a_png.png", "A.PNG", "b.tif", "c.TIFF", "c.tif")])
     assert names == ["a_jpg.png", "a_png.png", "a_png_2.png", "A_png_3.png", "b.png",
                      "c_tiff.png", "c_tif.png"]
@@ -232,10 +233,11 @@ def test_restore_jobs_reports_failures_and_goes_on(tmp_path):
                 raise OSError(28, "No space left on device")
             saved[context] = out
 
-        return derain.Job(f"{name}.png", size, load, save)
+        return inference.Job(f"{name}.png", size, load, save)
 
     # 'e' has a wrong header size: it is re-planned from its pixels.
-    done, failures = derain.restore_jobs(restorer, [job(n) for n in "abcd"] + [job("e", (40, 40))])
+    jobs = [job(n) for n in "abcd"] + [job("e", (40, 40))]
+    done, failures = inference.restore_jobs(restorer, jobs)
     assert done == 3 and sorted(saved) == ["a", "d", "e"]
     assert failures == ["b.png: not a readable image (broken)",
                         "c.png: cannot write the output (No space left on device)"]
@@ -259,25 +261,25 @@ def test_out_of_memory_retries_smaller(capsys):
     restorer = inference.Restorer(model, VARIABLES, batch_size=2, memory_limit=NO_LIMIT)
     imgs = [RNG.random((100, 100, 3), dtype=np.float32) for _ in range(2)]
     saved = {}
-    jobs = [derain.Job(f"{k}.png", (100, 100), lambda k=k: (imgs[k], k),
+    jobs = [inference.Job(f"{k}.png", (100, 100), lambda k=k: (imgs[k], k),
                        lambda out, k: saved.__setitem__(k, out)) for k in range(2)]
-    done, failures = derain.restore_jobs(restorer, jobs)
+    done, failures = inference.restore_jobs(restorer, jobs)
     assert done == 2 and not failures
     # Batch of 2 at 104x104, then 1 at 104x104, then 64x64 tiles.
     assert model.traced == [(1, 64, 64, 3)]
-    notes = capsys.readouterr().out
+    notes = capsys.readouterr().err  # notes go to stderr
     assert "retrying one at a time" in notes and "retrying with 64x64 tiles" in notes
     for k in range(2):
         np.testing.assert_allclose(saved[k], release_tiled(fake_model, imgs[k], 64, 32),
                                    atol=1e-6)
     # One image per call: the second image goes straight to the tiles that worked.
     restorer = inference.Restorer(FragileModel(), VARIABLES, memory_limit=NO_LIMIT)
-    assert derain.restore_jobs(restorer, jobs) == (2, [])
-    assert capsys.readouterr().out.count("retrying with 64x64 tiles") == 1
+    assert inference.restore_jobs(restorer, jobs) == (2, [])
+    assert capsys.readouterr().err.count("retrying with 64x64 tiles") == 1
     hopeless = FragileModel()
     hopeless.limit = 0  # nothing fits: the image fails, named, and nothing else breaks
     restorer = inference.Restorer(hopeless, VARIABLES, batch_size=2, memory_limit=NO_LIMIT)
-    done, failures = derain.restore_jobs(restorer, jobs[:1])
+    done, failures = inference.restore_jobs(restorer, jobs[:1])
     assert done == 0 and failures == ["0.png: restoration failed (RESOURCE_EXHAUSTED: Out of "
                                       "memory while trying to allocate)"]
 
@@ -295,9 +297,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    from drsformer_jax.checkpoint import save_export
-    from drsformer_jax.initializers import init_params
-    from drsformer_jax.models import DRSformer
+    from drsformer_jax.checkpoints.export import save_export
+    from drsformer_jax.model.drsformer import DRSformer, init_params
 
     model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
     folder = tmp_path_factory.mktemp("tiny") / "export"
@@ -448,9 +449,9 @@ def test_auto_tiling_note(awkward_run, tiny_export, cache_dir, tmp_path, capsys)
     rc = derain.main(["--checkpoint", str(tiny_export), "--input",
                       str(awkward_run["inputs"] / "rgb16.tif"), "--output", str(tmp_path),
                       "--memory-limit", "0.000001", "--cache-dir", str(cache_dir)])
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err  # notes go to stderr
     assert rc == 0
-    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "rgb16.tif" in notes[0] and "tiling with 16x16 tiles" in notes[0]
     assert read_image(tmp_path / "rgb16.png").shape == (12, 15, 3)
 
@@ -489,7 +490,7 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 
 def test_cli_buckets_and_batches(tmp_path, monkeypatch, capsys):
     """--buckets and --batch-size reach the Restorer; same-bucket images share a batch."""
-    from drsformer_jax.images import from_float
+    from drsformer_jax.utils.images import from_float
 
     model = FakeModel()
     asked = {}
@@ -529,8 +530,8 @@ def test_unusable_cache_dir_is_a_note(tmp_path, tiny_export, capsys):
 
 def test_default_path_is_the_release_procedure(fixtures_dir):
     """No --tile / --buckets: the Restorer gives the release's outputs (parity fixture)."""
-    from drsformer_jax import convert
-    from drsformer_jax.models import from_config
+    from drsformer_jax.checkpoints import conversion
+    from drsformer_jax.model.drsformer import from_config
     from drsformer_jax.testing import random_state_dict
 
     with np.load(fixtures_dir / "parity.npz") as f:
@@ -538,7 +539,7 @@ def test_default_path_is_the_release_procedure(fixtures_dir):
     shapes = [tuple(int(d) for d in s.split("x")) if s else () for s in fx["no_mefc/shapes"]]
     names = [str(n) for n in fx["no_mefc/names"]]
     sd = random_state_dict(zip(names, shapes, strict=True), int(fx["seed"]))
-    config, params = convert.state_dict_to_flax(sd)
+    config, params = conversion.state_dict_to_flax(sd)
     restorer = inference.Restorer(from_config(config), {"params": params})
     x, want = fx["input"], np.clip(fx["no_mefc/output"], 0, 1)
     plan = restorer.plan(*x.shape[1:3])

@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drsformer_jax import evaluate, inference, metrics, score
-from drsformer_jax.images import read_rgb8
+from drsformer_jax import inference, score
+from drsformer_jax.evaluation import evaluator as evaluate
+from drsformer_jax.evaluation import metrics
+from drsformer_jax.evaluation.scores import SCORE_FILE
+from drsformer_jax.utils.images import read_rgb8
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
@@ -30,10 +33,9 @@ def test_benchmark_protocols():
 def env(tmp_path_factory):
     """A tiny synthetic config, export dir and training workdir; a shared compilation cache."""
     from configs import synthetic
-    from drsformer_jax import train_checkpoints
-    from drsformer_jax.checkpoint import save_export
-    from drsformer_jax.initializers import init_params
-    from drsformer_jax.models import DRSformer
+    from drsformer_jax.checkpoints import training as train_checkpoints
+    from drsformer_jax.checkpoints.export import save_export
+    from drsformer_jax.model.drsformer import DRSformer, init_params
 
     base = tmp_path_factory.mktemp("evaluate")
     # The session's cache (test_derain uses the same folder): 16x16 compiles once.
@@ -73,7 +75,7 @@ def export_run(env):
 def test_writes_pngs_and_score_json(export_run, env):
     doc, out = export_run
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
-    assert json.loads((out / evaluate.SCORE_FILE).read_text()) == doc
+    assert json.loads((out / SCORE_FILE).read_text()) == doc
     assert doc["protocol"] == "matlab" and sorted(doc["images"]) == \
         ["00000.png", "00001.png", "00002.png"]
     psnrs = [v["psnr"] for v in doc["images"].values()]
@@ -95,7 +97,7 @@ def test_same_json_as_the_score_cli(export_run, env, tmp_path, capsys):
 
 
 def test_workdir_uses_the_checkpoint_load_picks(env, tmp_path):
-    from drsformer_jax.train_checkpoints import find_step_dir
+    from drsformer_jax.checkpoints.training import find_step_dir
 
     # checkpoint.load(workdir) picks the best step by PSNR, else the latest.
     picked = find_step_dir(env["workdir"])
@@ -163,7 +165,7 @@ def test_rcdnet_data_set_and_a_broken_pair(env, export_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {broken}" in err and "Traceback" not in err
     # The other two are written and scored, under the rcdnet protocol.
-    doc = json.loads((out / evaluate.SCORE_FILE).read_text())
+    doc = json.loads((out / SCORE_FILE).read_text())
     assert doc["protocol"] == "rcdnet" and sorted(doc["images"]) == ["00000.png", "00002.png"]
     targets = root / "test" / "DID-Data" / "target"
     # 00001 has no result: score warns about it and scores the two pairs.

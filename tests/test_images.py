@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from drsformer_jax import images
-from drsformer_jax.images import ImageReadError, probe_size, read_image, read_rgb8, write_image
+from drsformer_jax.utils import images
+from drsformer_jax.utils.images import (
+    ImageReadError,
+    probe_size,
+    read_image,
+    read_rgb8,
+    write_image,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -244,7 +250,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 def test_unreadable_for_the_file_system_is_one_line(tmp_path, monkeypatch):
     import pathlib
 
-    from drsformer_jax import images
+    from drsformer_jax.utils import images
 
     (tmp_path / "dir.png").mkdir()
     for fn in (read_image, probe_size):

@@ -10,8 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from drsformer_jax import images
-from drsformer_jax import input_pipeline as ip
+from drsformer_jax.data import pipeline as ip
+from drsformer_jax.data import sources
+from drsformer_jax.utils import images
 
 CROP = 32
 # Train images of the coordinate set: (height, width); the last is smaller than
@@ -49,7 +50,7 @@ def coord_root(tmp_path_factory) -> Path:
 def make_config(root: Path, batch: int = 6, seed: int = 0, **dataset) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict({"seed": seed, "global_batch_size": batch,
                                      "crop_size": CROP})
-    cfg.dataset = ip.default_dataset_config("Rain200H")
+    cfg.dataset = sources.default_dataset_config("Rain200H")
     cfg.dataset.root = str(root)
     cfg.dataset.update(dataset)
     return cfg
@@ -215,7 +216,7 @@ def layout(root: Path, inputs: list[str], targets: list[str]) -> Path:
 def check(root: Path) -> str:
     cfg = make_config(root)
     cfg.dataset.name = "Rain200L"
-    with pytest.raises(ip.DatasetError) as info:
+    with pytest.raises(sources.DatasetError) as info:
         ip.check_dataset(cfg)
     assert isinstance(info.value, ValueError)
     return str(info.value)
@@ -237,7 +238,7 @@ def test_unpaired_names_are_listed_with_counts(tmp_path):
     inputs = ["1.png", "2.png"] + [f"in{i}.png" for i in range(7)]
     msg = check(layout(tmp_path, inputs, ["1.png", "2.jpg", "only_target.png"]))
     assert "7 of 9 images" in msg and "have no target" in msg
-    assert "in0.png, in1.png, in2.png, in3.png, in4.png, ... (2 more)" in msg
+    assert "in0.png, in1.png, in2.png, in3.png, in4.png, and 2 more" in msg
     assert "1 of 3 images" in msg and "only_target.png" in msg
     assert "2.png" not in msg.replace("in2.png", "")  # 2.png pairs with 2.jpg by stem
 
@@ -256,13 +257,13 @@ def test_unreadable_image_fails_the_iterator_with_its_name(tmp_path):
     cfg.dataset.name = "Rain200L"
     cfg.crop_size = 8
     it = ip.create_train_iterator(cfg, start_step=0)
-    with pytest.raises(ip.DatasetError, match="2.png"):
+    with pytest.raises(sources.DatasetError, match="2.png"):
         next(it)
 
 
 def test_synthetic_source_is_generated_once_and_read_as_folders(tmp_path):
     cfg = ml_collections.ConfigDict({"seed": 0, "global_batch_size": 4, "crop_size": CROP})
-    cfg.dataset = ip.default_dataset_config("synthetic")
+    cfg.dataset = sources.default_dataset_config("synthetic")
     cfg.dataset.root = str(tmp_path)
     cfg.dataset.synthetic.update(num_train=5, num_test=2, height=40, width=48)
     ip.check_dataset(cfg)
@@ -273,7 +274,7 @@ def test_synthetic_source_is_generated_once_and_read_as_folders(tmp_path):
     assert not np.array_equal(batch["input"], batch["target"])
     evalset = ip.load_eval_set(cfg)
     assert [n for n, _, _ in evalset] == ["00000.png", "00001.png"]
-    from drsformer_jax import synthetic
+    from drsformer_jax.data import synthetic
 
     rainy, clean = synthetic.make_pair(0, "test", 1, 40, 48, "heavy")
     assert np.array_equal(evalset[1][1], rainy) and np.array_equal(evalset[1][2], clean)
@@ -281,15 +282,15 @@ def test_synthetic_source_is_generated_once_and_read_as_folders(tmp_path):
 
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown data set"):
-        ip.default_dataset_config("Rain100X")
+        sources.default_dataset_config("Rain100X")
     cfg = make_config(tmp_path, source="synthetic")
-    with pytest.raises(ip.DatasetError, match="source 'synthetic' makes the data set"):
+    with pytest.raises(sources.DatasetError, match="source 'synthetic' makes the data set"):
         ip.check_dataset(cfg)
     cfg = make_config(tmp_path, name="synthetic", source="tfds")
-    with pytest.raises(ip.DatasetError, match="no TFDS builder"):
+    with pytest.raises(sources.DatasetError, match="no TFDS builder"):
         ip.check_dataset(cfg)
     cfg = make_config(tmp_path, source="s3")
-    with pytest.raises(ip.DatasetError, match="unknown data source"):
+    with pytest.raises(sources.DatasetError, match="unknown data source"):
         ip.check_dataset(cfg)
 
 
@@ -297,9 +298,9 @@ def test_interpreter_exits_with_an_iterator_left_open(coord_root):
     # tf.data with Python map functions in flight used to hang at shutdown.
     code = (
         "import sys, ml_collections\n"
-        "from drsformer_jax import input_pipeline as ip\n"
+        "from drsformer_jax.data import pipeline as ip, sources\n"
         "cfg = ml_collections.ConfigDict({'seed': 0, 'global_batch_size': 6, 'crop_size': 32})\n"
-        "cfg.dataset = ip.default_dataset_config('Rain200H')\n"
+        "cfg.dataset = sources.default_dataset_config('Rain200H')\n"
         "cfg.dataset.root = sys.argv[1]\n"
         "it = ip.create_train_iterator(cfg, start_step=0)\n"
         "batch = next(it)  # a batch alive at exit is what made it hang\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drsformer_jax import metrics
+from drsformer_jax.evaluation import metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
 REFERENCE = json.loads((FIXTURES / "reference.json").read_text())

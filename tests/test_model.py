@@ -5,13 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drsformer_jax.attention import TopKSparseAttention, topk_masks, topk_sizes
-from drsformer_jax.convolution import grouped_conv
-from drsformer_jax.feedforward import MixedScaleFeedForward, hidden_features
-from drsformer_jax.initializers import init_params, initial_value
-from drsformer_jax.mefc import Expert
-from drsformer_jax.models import DRSformer, count_params, pixel_shuffle, pixel_unshuffle
-from drsformer_jax.normalization import LayerNorm
+from drsformer_jax.model.attention import TopKSparseAttention, topk_masks, topk_sizes
+from drsformer_jax.model.convolution import grouped_conv
+from drsformer_jax.model.drsformer import (
+    DRSformer,
+    count_params,
+    init_params,
+    pixel_shuffle,
+    pixel_unshuffle,
+)
+from drsformer_jax.model.feedforward import MixedScaleFeedForward, hidden_features
+from drsformer_jax.model.initializers import initial_value
+from drsformer_jax.model.mefc import Expert
+from drsformer_jax.model.normalization import LayerNorm
 
 TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2))
 

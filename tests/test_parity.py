@@ -15,8 +15,9 @@ import pytest
 
 import drsformer_jax
 from drsformer_jax import convert
+from drsformer_jax.checkpoints import conversion, names
+from drsformer_jax.checkpoints.torch_format import save_pth
 from drsformer_jax.testing import random_state_dict
-from drsformer_jax.torch_checkpoint import save_pth
 
 VARIANTS = ["mefc", "no_mefc", "biasfree_bias"]
 
@@ -55,8 +56,8 @@ def test_convert_cli_then_forward_matches_release(fixture, variant, tmp_path):
 @pytest.mark.parametrize("impl", ["xla", "shift"])
 def test_both_conv_formulations_match_release(fixture, impl):
     sd = release_state_dict(fixture, "mefc")
-    config, params = convert.state_dict_to_flax(sd)
-    from drsformer_jax.models import from_config
+    config, params = conversion.state_dict_to_flax(sd)
+    from drsformer_jax.model.drsformer import from_config
 
     model = from_config(config, conv_impl=impl)
     out = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(fixture["input"])))
@@ -65,12 +66,12 @@ def test_both_conv_formulations_match_release(fixture, impl):
 
 def test_fixture_names_are_in_release_order(fixture):
     for variant in VARIANTS:
-        names = [str(n) for n in fixture[f"{variant}/names"]]
-        assert sorted(names, key=convert.torch_sort_key) == names
+        listed = [str(n) for n in fixture[f"{variant}/names"]]
+        assert sorted(listed, key=names.torch_sort_key) == listed
 
 
 def test_round_trip_torch_flax_torch_is_bit_identical(fixture, tmp_path):
-    from drsformer_jax.torch_checkpoint import load_pth
+    from drsformer_jax.checkpoints.torch_format import load_pth
 
     sd = release_state_dict(fixture, "mefc")
     save_pth(tmp_path / "a.pth", sd)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drsformer_jax import images
-from drsformer_jax import input_pipeline as ip
-
-rain_datasets = pytest.importorskip("drsformer_jax.rain_datasets")
+from drsformer_jax import rain_datasets as prepare_cli
+from drsformer_jax.data import pipeline as ip
+from drsformer_jax.data import sources
+from drsformer_jax.data import tfds_builders as rain_datasets
+from drsformer_jax.utils import images
 
 
 def _image(seed: int, h: int, w: int) -> np.ndarray:
@@ -42,13 +43,13 @@ def manual_dir(tmp_path_factory) -> Path:
 def data_dir(manual_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tfds")
     args = ["--dataset", "Rain200L", "--manual-dir", str(manual_dir), "--data-dir", str(out)]
-    assert rain_datasets.main(args) == 0
+    assert prepare_cli.main(args) == 0
     return out
 
 
 def config(manual_dir: Path, data_dir: Path, source: str) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict({"seed": 11, "global_batch_size": 4, "crop_size": 32})
-    cfg.dataset = ip.default_dataset_config("Rain200L")
+    cfg.dataset = sources.default_dataset_config("Rain200L")
     cfg.dataset.update(root=str(manual_dir), source=source, tfds_data_dir=str(data_dir))
     return cfg
 
@@ -59,14 +60,14 @@ def test_prepares_array_record_shards_in_name_order(manual_dir, data_dir, capsys
     assert list(folder.glob("rain200l-test.array_record-*"))
     source = rain_datasets.data_source("Rain200L", "train", data_dir)
     assert len(source) == 3
-    pairs = ip.find_pairs(manual_dir, "Rain200L", "train")
+    pairs = sources.find_pairs(manual_dir, "Rain200L", "train")
     for i in range(3):
         example = source[i]
         assert example["name"].decode() == pairs.names[i]
         assert np.array_equal(example["input"], images.read_rgb8(pairs.input_path(i)))
         assert np.array_equal(example["target"], images.read_rgb8(pairs.target_path(i)))
     # A second run finds the prepared set and does nothing.
-    assert rain_datasets.main(["--dataset", "Rain200L", "--manual-dir", str(manual_dir),
+    assert prepare_cli.main(["--dataset", "Rain200L", "--manual-dir", str(manual_dir),
                                "--data-dir", str(data_dir)]) == 0
     assert "already prepared" in capsys.readouterr().out
 
@@ -97,20 +98,20 @@ def test_tfds_eval_set_matches_the_folder_eval_set(manual_dir, data_dir):
 
 
 def test_unprepared_set_says_how_to_prepare(tmp_path):
-    with pytest.raises(ip.DatasetError, match="python -m drsformer_jax.rain_datasets"):
+    with pytest.raises(sources.DatasetError, match="python -m drsformer_jax.rain_datasets"):
         rain_datasets.data_source("Rain200H", "train", tmp_path)
 
 
 def test_bad_manual_layout_fails_before_writing(tmp_path):
     images.write_image(tmp_path / "manual/train/DID-Data/input/a.png", _image(0, 8, 8))
     images.write_image(tmp_path / "manual/train/DID-Data/target/b.png", _image(0, 8, 8))
-    with pytest.raises(ip.DatasetError, match="do not pair"):
+    with pytest.raises(sources.DatasetError, match="do not pair"):
         rain_datasets.prepare("DID-Data", tmp_path / "manual", tmp_path / "out")
     assert not (tmp_path / "out" / "did_data").exists()
 
 
 def test_every_release_set_has_a_builder():
-    assert set(rain_datasets.BUILDERS) == set(ip.DATASETS) - {"synthetic"}
+    assert set(rain_datasets.BUILDERS) == set(sources.DATASETS) - {"synthetic"}
     assert rain_datasets.builder("SPA-Data").name == "spa_data"
-    with pytest.raises(ip.DatasetError, match="no TFDS builder"):
+    with pytest.raises(sources.DatasetError, match="no TFDS builder"):
         rain_datasets.builder("Rain100L")

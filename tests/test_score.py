@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drsformer_jax import metrics, score
-from drsformer_jax.images import write_image
+from drsformer_jax import score
+from drsformer_jax.evaluation import metrics, scores
+from drsformer_jax.utils.files import first_names
+from drsformer_jax.utils.images import write_image
 
 H, W = 24, 32
 
@@ -154,13 +156,13 @@ def test_no_pairs_is_fatal(tmp_path, capsys):
 def test_unpaired_report_lists_first_names_and_a_count():
     results = [Path(f"r/{i}.png") for i in range(8)]
     targets = [Path("t/0.png"), Path("t/x.jpg"), Path("t/x.bmp")]
-    pairing = score.pair_files(results + [Path("r/x.png")], targets)
+    pairing = scores.pair_files(results + [Path("r/x.png")], targets)
     assert [(r.name, t.name) for r, t in pairing.pairs] == [("0.png", "0.png")]
     # x.png matches two targets by stem: ambiguous, so nothing is guessed.
     assert pairing.unpaired_results == ["1.png", "2.png", "3.png", "4.png", "5.png",
                                          "6.png", "7.png", "x.png"]
     assert pairing.unpaired_targets == ["x.bmp", "x.jpg"]
-    assert score._names(pairing.unpaired_results) == \
+    assert first_names(pairing.unpaired_results) == \
         "1.png, 2.png, 3.png, 4.png, 5.png, and 3 more"
 
 

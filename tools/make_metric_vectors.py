@@ -40,8 +40,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from drsformer_jax import metrics  # noqa: E402
-from drsformer_jax.images import read_rgb8  # noqa: E402
+from drsformer_jax.evaluation import metrics  # noqa: E402
+from drsformer_jax.utils.images import read_rgb8  # noqa: E402
 
 MATLAB_DIR = "evaluations/Evalution_Rain200L_Rain200H_SPA-Data"
 RCDNET_DIR = "evaluations/Evaluation_DID-Data_DDN-Data"

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drsformer_jax import metrics  # noqa: E402
+from drsformer_jax.evaluation import metrics  # noqa: E402
 
 
 def main() -> None:

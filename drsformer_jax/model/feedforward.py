@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drsformer_jax.convolution import Conv, DepthwiseConv, GroupedConv, channel_axis
+from drsformer_jax.model.convolution import (
+    Conv,
+    DepthwiseConv,
+    GroupedConv,
+    Layer,
+    channel_axis,
+)
 
 
 def hidden_features(dim: int, ffn_expansion_factor: float) -> int:
@@ -16,7 +20,7 @@ def hidden_features(dim: int, ffn_expansion_factor: float) -> int:
     return int(dim * ffn_expansion_factor)
 
 
-class MixedScaleFeedForward(nn.Module):
+class MixedScaleFeedForward(Layer):
     """MSFN of the release (checkpoint prefix `ffn.`).
 
     project_in to 2h channels; depthwise 3x3 and 5x5 branches (ReLU); each branch
@@ -30,25 +34,20 @@ class MixedScaleFeedForward(nn.Module):
     dim: int
     ffn_expansion_factor: float = 2.66
     use_bias: bool = False
-    conv_impl: str = "auto"
-    channels_first: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = hidden_features(self.dim, self.ffn_expansion_factor)
-        kw = dict(use_bias=self.use_bias, channels_first=self.channels_first, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.use_bias, **self.options())
         cax = channel_axis(self.channels_first)
         x = Conv(2 * h, 1, name="project_in", **kw)(x)
-        d3 = nn.relu(DepthwiseConv(2 * h, 3, impl=self.conv_impl, name="dwconv3x3", **kw)(x))
-        d5 = nn.relu(DepthwiseConv(2 * h, 5, impl=self.conv_impl, name="dwconv5x5", **kw)(x))
+        d3 = nn.relu(DepthwiseConv(2 * h, 3, name="dwconv3x3", **kw)(x))
+        d5 = nn.relu(DepthwiseConv(2 * h, 5, name="dwconv5x5", **kw)(x))
         a3, b3 = jnp.split(d3, 2, axis=cax)
         a5, b5 = jnp.split(d5, 2, axis=cax)
-        x1 = GroupedConv(h, 3, inputs_per_group=2, impl=self.conv_impl, name="dwconv3x3_1",
+        x1 = GroupedConv(h, 3, inputs_per_group=2, name="dwconv3x3_1",
                          **kw)(jnp.concatenate([a3, a5], axis=cax))
-        x2 = GroupedConv(h, 5, inputs_per_group=2, impl=self.conv_impl, name="dwconv5x5_1",
+        x2 = GroupedConv(h, 5, inputs_per_group=2, name="dwconv5x5_1",
                          **kw)(jnp.concatenate([b3, b5], axis=cax))
         x = jnp.concatenate([nn.relu(x1), nn.relu(x2)], axis=cax)
         return Conv(self.dim, 1, name="project_out", **kw)(x)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from drsformer_jax import numerics
-from drsformer_jax.convolution import Conv, DepthwiseConv
+from drsformer_jax.model.convolution import Conv, DepthwiseConv, Layer
 
 
 def topk_sizes(c: int) -> tuple[int, int, int, int]:
     """The four k of the release: c/2, 2c/3, 3c/4, 4c/5, each Python int() of the float."""
     return int(c / 2), int(c * 2 / 3), int(c * 3 / 4), int(c * 4 / 5)
+
+
+def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along `axis`, as torch's F.normalize (eps 1e-12)."""
+    sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
 
 
 def topk_masks(scores: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
@@ -34,7 +37,7 @@ def topk_masks(scores: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
     return [rank < k for k in ks]
 
 
-class TopKSparseAttention(nn.Module):
+class TopKSparseAttention(Layer):
     """TKSA of the release (checkpoint prefix `attn.`).
 
     Per head, q and k are (c, H*W) matrices, L2-normalised along H*W; the c x c
@@ -47,10 +50,6 @@ class TopKSparseAttention(nn.Module):
     dim: int
     num_heads: int
     use_bias: bool = False
-    conv_impl: str = "auto"
-    channels_first: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,10 +63,9 @@ class TopKSparseAttention(nn.Module):
                                  self.param_dtype)
         mix = [self.param(f"attn{i}", nn.initializers.constant(0.2), (1,), self.param_dtype)
                for i in range(1, 5)]
-        kw = dict(use_bias=self.use_bias, channels_first=cf, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.use_bias, **self.options())
         qkv = Conv(3 * self.dim, 1, name="qkv", **kw)(x)
-        qkv = DepthwiseConv(3 * self.dim, 3, impl=self.conv_impl, name="qkv_dwconv", **kw)(qkv)
+        qkv = DepthwiseConv(3 * self.dim, 3, name="qkv_dwconv", **kw)(qkv)
         # Channel index = head * c + i (head-major), as the release splits heads.
         # Channels first, each head's q, k, v are (c, H*W) matrices as in the release;
         # channels last, (H*W, c).
@@ -80,16 +78,18 @@ class TopKSparseAttention(nn.Module):
                        for t in jnp.split(qkv, 3, axis=-1))
             spatial, qk, pv = 1, "bxnc,bxnd->bncd", "bncd,bxnd->bxnc"
 
-        q, k = (numerics.l2_normalize(t.astype(jnp.float32), axis=spatial) for t in (q, k))
+        # Normalisation, scores and softmax in at least float32 (float64 stays float64).
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        q, k = (l2_normalize(t.astype(acc), axis=spatial) for t in (q, k))
         scores = jnp.einsum(qk, q.astype(self.dtype), k.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        scores = scores * temperature.astype(jnp.float32)
+                            preferred_element_type=acc)
+        scores = scores * temperature.astype(acc)
 
         c = self.dim // n
         probs = jnp.zeros_like(scores)
         for weight, keep in zip(mix, topk_masks(scores, topk_sizes(c)), strict=True):
-            p = numerics.softmax(jnp.where(keep, scores, -jnp.inf), axis=-1)
-            probs = probs + weight.astype(jnp.float32) * p
+            p = jax.nn.softmax(jnp.where(keep, scores, -jnp.inf), axis=-1)
+            probs = probs + weight.astype(acc) * p
 
         out = jnp.einsum(pv, probs.astype(self.dtype), v.astype(self.dtype))
         if cf:

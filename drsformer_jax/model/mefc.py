@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drsformer_jax import numerics
-from drsformer_jax.convolution import Conv, DepthwiseConv, channel_axis
-from drsformer_jax.initializers import torch_bias_init, torch_default_init
+from drsformer_jax.model.convolution import Conv, DepthwiseConv, Layer, channel_axis
+from drsformer_jax.model.initializers import torch_bias_init, torch_default_init
 
 # The eight experts, in the release's order (op index j in the checkpoint).
 EXPERTS = ("sep_conv_1x1", "sep_conv_3x3", "sep_conv_5x5", "sep_conv_7x7",
@@ -22,7 +19,7 @@ def _kernel_size(expert: str) -> int:
     return int(expert[-1])
 
 
-class Expert(nn.Module):
+class Expert(Layer):
     """One operation of an MEFC step; output has the input's shape.
 
     sep kxk: depthwise kxk -> 1x1 -> ReLU -> depthwise kxk -> 1x1.
@@ -31,24 +28,18 @@ class Expert(nn.Module):
     """
 
     kind: str
-    conv_impl: str = "auto"
-    channels_first: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, k = x.shape[channel_axis(self.channels_first)], _kernel_size(self.kind)
-        kw = dict(channels_first=self.channels_first, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
-        dw = dict(impl=self.conv_impl, **kw)
+        kw = self.options()
         if self.kind.startswith("sep_conv"):
-            x = DepthwiseConv(c, k, name="dw1", **dw)(x)
+            x = DepthwiseConv(c, k, name="dw1", **kw)(x)
             x = nn.relu(Conv(c, 1, name="pw1", **kw)(x))
-            x = DepthwiseConv(c, k, name="dw2", **dw)(x)
+            x = DepthwiseConv(c, k, name="dw2", **kw)(x)
             return Conv(c, 1, name="pw2", **kw)(x)
         if self.kind.startswith("dil_conv"):
-            x = DepthwiseConv(c, k, dilation=2, name="dw", **dw)(x)
+            x = DepthwiseConv(c, k, dilation=2, name="dw", **kw)(x)
             return Conv(c, 1, name="pw", **kw)(x)
         if self.kind == "avg_pool_3x3":
             return avg_pool_3x3(x, self.channels_first)
@@ -80,7 +71,7 @@ def avg_pool_3x3(x: jax.Array, channels_first: bool = False) -> jax.Array:
     return box3(box3(x, hax), wax) * jnp.asarray(inv, x.dtype)
 
 
-class MEFC(nn.Module):
+class MEFC(Layer):
     """Router + 4 steps of 8 experts (checkpoint prefixes `encoder_level0.`, `refinement.`).
 
     The router maps the global average of x to softmax weights over the experts
@@ -89,10 +80,6 @@ class MEFC(nn.Module):
     """
 
     steps: int = 4
-    conv_impl: str = "auto"
-    channels_first: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -100,22 +87,22 @@ class MEFC(nn.Module):
         b, c = x.shape[0], x.shape[channel_axis(cf)]
         num_ops = len(EXPERTS)
         hidden = 2 * self.steps * num_ops
-        dense = dict(kernel_init=torch_default_init, param_dtype=self.param_dtype,
-                     dtype=jnp.float32)
-        # The router is tiny; it runs in float32 whatever the computation dtype.
-        y = jnp.mean(x.astype(jnp.float32), axis=(2, 3) if cf else (1, 2))
+        # The router is tiny; it runs in at least float32 whatever the computation dtype.
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        dense = dict(kernel_init=torch_default_init, param_dtype=self.param_dtype, dtype=acc)
+        y = jnp.mean(x.astype(acc), axis=(2, 3) if cf else (1, 2))
         y = nn.relu(nn.Dense(hidden, bias_init=torch_bias_init(c), name="router_fc1",
                              **dense)(y))
         y = nn.Dense(self.steps * num_ops, bias_init=torch_bias_init(hidden),
                      name="router_fc2", **dense)(y)
-        weights = numerics.softmax(y.reshape(b, self.steps, num_ops), axis=-1)
+        weights = jax.nn.softmax(y.reshape(b, self.steps, num_ops), axis=-1)
 
-        kw = dict(channels_first=cf, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.options()
         x = nn.relu(Conv(c, 1, name="preprocess", **kw)(x))
         for s in range(self.steps):
             outs = []
             for j, kind in enumerate(EXPERTS):
-                e = Expert(kind, conv_impl=self.conv_impl, name=f"step_{s}_{kind}", **kw)(x)
+                e = Expert(kind, name=f"step_{s}_{kind}", **kw)(x)
                 outs.append(e * weights[:, s, j, None, None, None].astype(e.dtype))
             fused = nn.relu(Conv(c, 1, name=f"step_{s}_fuse", **kw)(
                 jnp.concatenate(outs, axis=channel_axis(cf))))

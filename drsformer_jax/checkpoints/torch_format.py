@@ -20,11 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-try:  # bfloat16 for numpy comes with JAX's ml_dtypes.
-    from ml_dtypes import bfloat16
-except ImportError:  # pragma: no cover
-    bfloat16 = None
+from ml_dtypes import bfloat16  # bfloat16 for numpy, installed with JAX
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,

@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from drsformer_jax.utils.files import atomic_path
+from drsformer_jax.utils.lazy_tf import import_tf
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -22,25 +26,36 @@ class MetricWriter:
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
         self.path = Path(workdir) / METRICS_FILE
         self.enabled = enabled
+        self._tf: Any = None
         self._tb: Any = None
         if enabled:
             try:
-                from drsformer_jax.input_pipeline import import_tf
-
-                tf = import_tf()
-                self._tb = tf.summary.create_file_writer(str(Path(workdir) / TENSORBOARD_DIR))
+                self._tf = import_tf()
+                self._tb = self._tf.summary.create_file_writer(
+                    str(Path(workdir) / TENSORBOARD_DIR))
             except ImportError:  # no TensorFlow: JSON lines only
                 self._tb = None
 
     def truncate_after(self, step: int) -> None:
-        """Drops lines of steps after `step` (a resumed run will write them again)."""
+        """Drops the lines of steps after `step`: the run goes on from there and writes them
+        again. A line that is not JSON (a writer killed mid-line) is dropped with a note."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        keep, broken = [], 0
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                broken += 1
+                continue
+            if int(record.get("step", 0)) <= step:
+                keep.append(line)
+        if broken:
+            print(f"note: {self.path}: dropped {broken} incomplete line(s)", file=sys.stderr)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -51,11 +66,9 @@ class MetricWriter:
             f.write(json.dumps(record) + "\n")
             f.flush()
         if self._tb is not None:
-            import tensorflow as tf
-
             with self._tb.as_default(step=int(step)):
                 for key, value in scalars.items():
-                    tf.summary.scalar(key, float(value))
+                    self._tf.summary.scalar(key, float(value))
             self._tb.flush()
 
     def close(self) -> None:
@@ -66,9 +79,3 @@ class MetricWriter:
 def _jsonable(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of `WORKDIR/metrics.jsonl`, in order."""
-    path = Path(workdir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
-from drsformer_jax.checkpoint import CheckpointError
+from drsformer_jax.checkpoints.export import CheckpointError
+from drsformer_jax.model.drsformer import abstract_params, from_config
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "trainer", "model_config")
@@ -30,9 +33,6 @@ def _metric_psnr(metrics: Any) -> float:
 
 def open_manager(workdir: str | os.PathLike, keep: int = 3, *, read_only: bool = False,
                  async_save: bool = True) -> Any:
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import checkpoint_managers as cm
-
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=max(keep, 1)),
         cm.BestN(get_metric_fn=_metric_psnr, reverse=False, n=1,
@@ -47,8 +47,6 @@ def open_manager(workdir: str | os.PathLike, keep: int = 3, *, read_only: bool =
 
 def save(manager: Any, step: int, state: Any, trainer: dict[str, Any],
          model_config: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
-    import orbax.checkpoint as ocp
-
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), trainer=ocp.args.JsonSave(trainer),
         model_config=ocp.args.JsonSave(model_config)), metrics=metrics, force=True)
@@ -56,8 +54,6 @@ def save(manager: Any, step: int, state: Any, trainer: dict[str, Any],
 
 def restore(manager: Any, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores the train state (to `abstract_state`'s shapes and shardings) and trainer JSON."""
-    import orbax.checkpoint as ocp
-
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), trainer=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["trainer"] or {})
@@ -92,25 +88,13 @@ def find_step_dir(path: Path) -> Path:
 
 def load_params(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     """(model config, params) from a training workdir or checkpoint step directory."""
-    import orbax.checkpoint as ocp
-
     step_dir = find_step_dir(Path(path))
     try:
         config = ocp.JsonCheckpointHandler().restore(step_dir.absolute() / "model_config")
         restored = ocp.PyTreeCheckpointer().restore(
             step_dir.absolute() / "state",
-            args=ocp.args.PyTreeRestore(item={"params": _abstract_params(config)},
+            args=ocp.args.PyTreeRestore(item={"params": abstract_params(from_config(config))},
                                         partial_restore=True))
     except Exception as e:  # orbax raises many types for a damaged directory
         raise CheckpointError(f"{step_dir}: cannot restore the checkpoint ({e})") from e
     return dict(config), jax.tree_util.tree_map(jax.numpy.asarray, restored["params"])
-
-
-def _abstract_params(config: dict[str, Any]) -> Any:
-    import jax.numpy as jnp
-
-    from drsformer_jax.models import from_config
-
-    model = from_config(config)
-    x = jax.ShapeDtypeStruct((1, 8, 8, int(config.get("inp_channels", 3))), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]

@@ -55,26 +55,6 @@ def torch_bias_init(fan_in: int) -> Any:
     return uniform(1.0 / max(fan_in, 1) ** 0.5)
 
 
-def init_params(model: Any, seed: int) -> dict[str, Any]:
-    """Fresh parameters for `model`, sampled on the host with PyTorch's default rules.
-
-    Shapes come from `jax.eval_shape` (nothing is compiled); each tensor is
-    filled by `initial_value`, which follows the same rules as the modules'
-    initialisers (checked by tests). Deterministic in `seed` on every host, and
-    about a second for the full model where a jitted `model.init` compiles for
-    minutes on CPU.
-    """
-    from flax import traverse_util
-
-    x = jax.ShapeDtypeStruct((1, 8, 8, model.inp_channels), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
-    shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
-    rng = np.random.default_rng(seed)
-    params = {path: jnp.asarray(initial_value(path, shapes, rng), model.param_dtype)
-              for path in sorted(shapes)}
-    return traverse_util.unflatten_dict(params)
-
-
 def initial_value(path: tuple[str, ...], shapes: dict[tuple[str, ...], tuple[int, ...]],
                   rng: np.random.Generator) -> np.ndarray:
     """PyTorch's initial value for the DRSformer parameter at `path`."""

@@ -24,6 +24,7 @@ has several formulations:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from drsformer_jax.initializers import torch_bias_init, torch_default_init
+from drsformer_jax.model.initializers import torch_bias_init, torch_default_init
 
 Dtype = Any
 CONV_IMPLS = ("auto", "xla", "shift")
@@ -78,17 +79,6 @@ def pointwise(x: jax.Array, kernel: jax.Array, channels_first: bool = False) -> 
     kt = jnp.broadcast_to(kernel.T, (n, kernel.shape[1], c))
     y = lax.dot_general(kt, x.reshape(n, c, h * w), (((2,), (1,)), ((0,), (0,))))
     return y.reshape(n, kernel.shape[1], h, w)
-
-
-def per_image_pointwise(x: jax.Array, kernels: jax.Array,
-                        channels_first: bool = False) -> jax.Array:
-    """1x1 convolution with a different (C_in, C_out) kernel for each image."""
-    if not channels_first:
-        return jnp.einsum("nhwc,ncd->nhwd", x, kernels)
-    n, c, h, w = x.shape
-    kt = jnp.swapaxes(kernels, 1, 2)
-    y = lax.dot_general(kt, x.reshape(n, c, h * w), (((2,), (1,)), ((0,), (0,))))
-    return y.reshape(n, kernels.shape[2], h, w)
 
 
 def grouped_conv(x: jax.Array, kernel: jax.Array, *, dilation: int = 1,
@@ -224,40 +214,34 @@ def _shifted_depthwise_sum_bwd(dilation, ph, pw, channels_first, residuals, g):
 shifted_depthwise_sum.defvjp(_shifted_depthwise_sum_fwd, _shifted_depthwise_sum_bwd)
 
 
-class ConvKernel(nn.Module):
-    """Declares a convolution's parameters (HWIO kernel, optional bias) and returns them.
+def _keyword(default: Any) -> Any:
+    return dataclasses.field(default=default, kw_only=True)
 
-    For modules that use a convolution's weights in a fused formulation while
-    keeping the parameter names and shapes of `Conv` / `GroupedConv`.
+
+class Layer(nn.Module):
+    """What every layer of the network is told, as keyword-only fields.
+
+    `channels_first`: NCHW activations (else NHWC); `conv_impl`: the formulation
+    of depthwise / grouped convolutions (see `grouped_conv`); `dtype`: the
+    computation dtype; `param_dtype`: the parameters'. `options()` passes them on.
     """
 
-    kernel_shape: tuple[int, ...]
-    use_bias: bool = False
-    param_dtype: Dtype = jnp.float32
+    channels_first: bool = _keyword(False)
+    conv_impl: str = _keyword("auto")
+    dtype: Dtype = _keyword(jnp.float32)
+    param_dtype: Dtype = _keyword(jnp.float32)
 
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
-        kernel = self.param("kernel", torch_default_init, tuple(self.kernel_shape),
-                            self.param_dtype)
-        bias = None
-        if self.use_bias:
-            fan_in = 1
-            for d in self.kernel_shape[:-1]:
-                fan_in *= d
-            bias = self.param("bias", torch_bias_init(fan_in), (self.kernel_shape[-1],),
-                              self.param_dtype)
-        return kernel, bias
+    def options(self) -> dict[str, Any]:
+        return dict(channels_first=self.channels_first, conv_impl=self.conv_impl,
+                    dtype=self.dtype, param_dtype=self.param_dtype)
 
 
-class Conv(nn.Module):
+class Conv(Layer):
     """Dense 2-D convolution, stride 1, 'same' zero padding, HWIO kernel."""
 
     features: int
     kernel_size: int = 1
     use_bias: bool = False
-    channels_first: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -279,7 +263,7 @@ class Conv(nn.Module):
         return y
 
 
-class GroupedConv(nn.Module):
+class GroupedConv(Layer):
     """Depthwise (inputs_per_group=1) or grouped conv; see `grouped_conv`."""
 
     features: int
@@ -287,10 +271,6 @@ class GroupedConv(nn.Module):
     inputs_per_group: int = 1
     dilation: int = 1
     use_bias: bool = False
-    impl: str = "auto"
-    channels_first: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -298,7 +278,7 @@ class GroupedConv(nn.Module):
         kernel = self.param("kernel", torch_default_init, (k, k, m, self.features),
                             self.param_dtype)
         y = grouped_conv(x.astype(self.dtype), kernel.astype(self.dtype),
-                         dilation=self.dilation, impl=self.impl,
+                         dilation=self.dilation, impl=self.conv_impl,
                          channels_first=self.channels_first)
         if self.use_bias:
             bias = self.param("bias", torch_bias_init(m * k * k), (self.features,),

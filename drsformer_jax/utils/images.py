@@ -24,20 +24,19 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from drsformer_jax.utils.files import IMAGE_EXTENSIONS, is_image_file, write_bytes_atomic
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# The process's umask, read once: written files get the usual 0o666 & ~umask
-# permissions, not mkstemp's private 0o600.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "from_float", "is_image_file", "png_header",
+           "probe_size", "read_image", "read_rgb8", "to_float", "write_image"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ORIENTATION_TAG = 0x0112
 _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
 # Adam7 passes: (first row, first column, row step, column step).
@@ -49,8 +48,12 @@ class ImageReadError(ValueError):
     """A file that is not a readable image; the message names the file."""
 
 
-def is_image_file(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+def png_header(data: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk; None if `data` is not a PNG."""
+    # Signature, then the IHDR chunk: length, type, width, height, bit depth, colour type.
+    if data[:8] != PNG_SIGNATURE or len(data) < 26 or data[12:16] != b"IHDR":
+        return None
+    return data[24], data[25]
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -174,25 +177,6 @@ def write_image(path: str | os.PathLike, arr: np.ndarray) -> None:
     write_bytes_atomic(path, data)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to a temporary file and renames it: `path` is complete or absent.
-
-    The file gets the usual 0o666 & ~umask permissions (mkstemp's are 0o600).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
     """The HxWxC image as displayed for an EXIF orientation value (1..8).
 
@@ -260,8 +244,6 @@ def _is_tiff16_colour(im: Image.Image) -> bool:
 
 
 def _decode_tiff16(data: bytes) -> np.ndarray:
-    import tifffile
-
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
         page = tif.pages[0]
         arr = page.asarray()
@@ -275,9 +257,8 @@ def _decode_tiff16(data: bytes) -> np.ndarray:
 
 
 def _is_png16(data: bytes) -> bool:
-    # Signature, then the IHDR chunk: length, type, width, height, bit depth (byte 24).
-    return data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[12:16] == b"IHDR" \
-        and data[24] == 16
+    header = png_header(data)
+    return header is not None and header[0] == 16
 
 
 def _decode_png16(data: bytes) -> tuple[np.ndarray, int]:
@@ -371,7 +352,7 @@ def _encode_png16(arr: np.ndarray) -> bytes:
         return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
 
     header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
-    return (_PNG_SIGNATURE + chunk(b"IHDR", header)
+    return (PNG_SIGNATURE + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
 
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
+from flax import traverse_util
 
-from drsformer_jax.attention import TopKSparseAttention
-from drsformer_jax.convolution import Conv, channel_axis, resolve_layout
-from drsformer_jax.feedforward import MixedScaleFeedForward
-from drsformer_jax.mefc import MEFC
-from drsformer_jax.normalization import LayerNorm
+from drsformer_jax.model.attention import TopKSparseAttention
+from drsformer_jax.model.convolution import Conv, Layer, channel_axis, resolve_layout
+from drsformer_jax.model.feedforward import MixedScaleFeedForward
+from drsformer_jax.model.initializers import initial_value
+from drsformer_jax.model.mefc import MEFC
+from drsformer_jax.model.normalization import LayerNorm
 
 # Three 2x down-samplings: image sides must be multiples of 8.
 SIZE_MULTIPLE = 8
@@ -38,7 +40,7 @@ def pixel_shuffle(x: jax.Array, r: int = 2, channels_first: bool = False) -> jax
     return rearrange(x, "b h w (c dy dx) -> b (h dy) (w dx) c", dy=r, dx=r)
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(Layer):
     """Sparse transformer block: x + TKSA(LN(x)), then + MSFN(LN(x))."""
 
     dim: int
@@ -46,58 +48,37 @@ class TransformerBlock(nn.Module):
     ffn_expansion_factor: float = 2.66
     use_bias: bool = False
     layernorm_type: str = "WithBias"
-    conv_impl: str = "auto"
-    channels_first: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(channels_first=self.channels_first, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+        kw = self.options()
         ln = dict(kind=self.layernorm_type, **kw)
-        x = x + TopKSparseAttention(self.dim, self.num_heads, self.use_bias, self.conv_impl,
+        x = x + TopKSparseAttention(self.dim, self.num_heads, self.use_bias,
                                     name="attn", **kw)(LayerNorm(name="norm1", **ln)(x))
         return x + MixedScaleFeedForward(self.dim, self.ffn_expansion_factor, self.use_bias,
-                                         self.conv_impl, name="ffn",
-                                         **kw)(LayerNorm(name="norm2", **ln)(x))
+                                         name="ffn", **kw)(LayerNorm(name="norm2", **ln)(x))
 
 
-class Downsample(nn.Module):
-    """conv3x3 C -> C/2, then pixel-unshuffle(2): 2C channels at half size."""
+class Resample(Layer):
+    """Down: conv3x3 C -> C/2, then pixel-unshuffle(2): 2C channels at half size.
+    Up: conv3x3 C -> 2C, then pixel-shuffle(2): C/2 channels at double size."""
 
-    channels_first: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    up: bool
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cax = channel_axis(self.channels_first)
-        x = Conv(x.shape[cax] // 2, 3, name="conv", channels_first=self.channels_first,
-                 dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return pixel_unshuffle(x, channels_first=self.channels_first)
-
-
-class Upsample(nn.Module):
-    """conv3x3 C -> 2C, then pixel-shuffle(2): C/2 channels at double size."""
-
-    channels_first: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cax = channel_axis(self.channels_first)
-        x = Conv(x.shape[cax] * 2, 3, name="conv", channels_first=self.channels_first,
-                 dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return pixel_shuffle(x, channels_first=self.channels_first)
+        c = x.shape[channel_axis(self.channels_first)]
+        x = Conv(c * 2 if self.up else c // 2, 3, name="conv", **self.options())(x)
+        shuffle = pixel_shuffle if self.up else pixel_unshuffle
+        return shuffle(x, channels_first=self.channels_first)
 
 
 class DRSformer(nn.Module):
     """DRSformer (Chen et al., CVPR 2023), parameter-compatible with the release.
 
     Input: (N, H, W, inp_channels) float in [0, 1], H and W multiples of 8.
-    Output: restored image of the same shape, float32 (not clamped).
+    Output: restored image of the same shape, float32 (float64 when `dtype` is
+    float64, with JAX's x64 mode on), not clamped.
 
     Fields mirror the release's constructor; `use_mefc=False` is the variant
     without MEFC used for Rain200L and SPA-Data. `dtype` is the computation dtype
@@ -133,14 +114,15 @@ class DRSformer(nn.Module):
         self._check_input(inp)
         cf = resolve_layout(self.layout) == "NCHW"
         cax = channel_axis(cf)
-        kw = dict(channels_first=cf, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(channels_first=cf, conv_impl=self.conv_impl, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
         block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         mefc_cls = nn.remat(MEFC) if self.remat else MEFC
 
         def level(x: jax.Array, name: str, depth: int, dim: int, heads: int) -> jax.Array:
             for i in range(depth):
                 x = block_cls(dim, heads, self.ffn_expansion_factor, self.bias,
-                              self.layernorm_type, self.conv_impl, name=f"{name}_{i}", **kw)(x)
+                              self.layernorm_type, name=f"{name}_{i}", **kw)(x)
             return x
 
         d = self.dim
@@ -150,27 +132,28 @@ class DRSformer(nn.Module):
             x = jnp.transpose(x, (0, 3, 1, 2))
         x = Conv(d, 3, name="patch_embed", **kw)(x)
         if self.use_mefc:
-            x = mefc_cls(conv_impl=self.conv_impl, name="encoder_level0", **kw)(x)
+            x = mefc_cls(name="encoder_level0", **kw)(x)
         e1 = level(x, "encoder_level1", nb[0], d, nh[0])
-        e2 = level(Downsample(name="down1_2", **kw)(e1), "encoder_level2", nb[1], 2 * d, nh[1])
-        e3 = level(Downsample(name="down2_3", **kw)(e2), "encoder_level3", nb[2], 4 * d, nh[2])
-        lat = level(Downsample(name="down3_4", **kw)(e3), "latent", nb[3], 8 * d, nh[3])
+        e2 = level(Resample(False, name="down1_2", **kw)(e1), "encoder_level2", nb[1], 2 * d, nh[1])
+        e3 = level(Resample(False, name="down2_3", **kw)(e2), "encoder_level3", nb[2], 4 * d, nh[2])
+        lat = level(Resample(False, name="down3_4", **kw)(e3), "latent", nb[3], 8 * d, nh[3])
 
-        x = jnp.concatenate([Upsample(name="up4_3", **kw)(lat), e3], axis=cax)
+        x = jnp.concatenate([Resample(True, name="up4_3", **kw)(lat), e3], axis=cax)
         x = Conv(4 * d, 1, use_bias=self.bias, name="reduce_chan_level3", **kw)(x)
         x = level(x, "decoder_level3", nb[2], 4 * d, nh[2])
-        x = jnp.concatenate([Upsample(name="up3_2", **kw)(x), e2], axis=cax)
+        x = jnp.concatenate([Resample(True, name="up3_2", **kw)(x), e2], axis=cax)
         x = Conv(2 * d, 1, use_bias=self.bias, name="reduce_chan_level2", **kw)(x)
         x = level(x, "decoder_level2", nb[1], 2 * d, nh[1])
         # No 1x1 reduction at level 1: the decoder runs at 2 * dim channels.
-        x = jnp.concatenate([Upsample(name="up2_1", **kw)(x), e1], axis=cax)
+        x = jnp.concatenate([Resample(True, name="up2_1", **kw)(x), e1], axis=cax)
         x = level(x, "decoder_level1", nb[0], 2 * d, nh[0])
         if self.use_mefc:
-            x = mefc_cls(conv_impl=self.conv_impl, name="refinement", **kw)(x)
+            x = mefc_cls(name="refinement", **kw)(x)
         x = Conv(self.out_channels, 3, use_bias=self.bias, name="output", **kw)(x)
         if cf:
             x = jnp.transpose(x, (0, 2, 3, 1))
-        return x.astype(jnp.float32) + inp.astype(jnp.float32)
+        out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # float64 stays float64
+        return x.astype(out_dtype) + inp.astype(out_dtype)
 
     def _check_input(self, inp: jax.Array) -> None:
         if inp.ndim != 4:
@@ -199,17 +182,58 @@ def model_config(model: DRSformer) -> dict[str, Any]:
     return cfg
 
 
-def from_config(config: dict[str, Any], **overrides: Any) -> DRSformer:
-    """Builds a DRSformer from `model_config`'s dict; overrides set dtype, remat, ..."""
-    known = {f.name for f in dataclasses.fields(DRSformer)}
-    unknown = sorted(set(config) - known)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+# How the model runs, not what it is: not recorded in checkpoints.
+RUNTIME_FIELDS = ("dtype", "remat", "conv_impl", "layout")
+
+
+def from_config(config: Mapping[str, Any], *, strict: bool = True,
+                **overrides: Any) -> DRSformer:
+    """The one model builder: a DRSformer from architecture and runtime fields.
+
+    `config` is a checkpoint's model config (`model_config`) or a training config,
+    whose model fields are top-level (ARCH_FIELDS, and RUNTIME_FIELDS with
+    `dtype` a name in DTYPES). `strict`: other fields are an error (a checkpoint's
+    config holds nothing else); a training config passes strict=False.
+    `overrides` (dtype, remat, conv_impl, ...) win over the config's.
+    """
+    known = set(ARCH_FIELDS) | set(RUNTIME_FIELDS)
+    unknown = sorted(set(config) - known) if strict else []
     if unknown:
         raise ValueError(f"unknown DRSformer config fields: {', '.join(unknown)}")
-    cfg = dict(config, **overrides)
+    fields = {k: config[k] for k in known if k in config}
+    fields.update(overrides)
     for key in ("num_blocks", "heads"):
-        if key in cfg:
-            cfg[key] = tuple(int(v) for v in cfg[key])
-    return DRSformer(**cfg)
+        if key in fields:
+            fields[key] = tuple(int(v) for v in fields[key])
+    if isinstance(fields.get("dtype"), str):
+        if fields["dtype"] not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {fields['dtype']!r}")
+        fields["dtype"] = DTYPES[fields["dtype"]]
+    return DRSformer(**fields)
+
+
+def abstract_params(model: DRSformer) -> Any:
+    """The shapes and dtypes of `model`'s parameters, computed without allocating them."""
+    x = jax.ShapeDtypeStruct((1, SIZE_MULTIPLE, SIZE_MULTIPLE, model.inp_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+
+
+def init_params(model: DRSformer, seed: int) -> dict[str, Any]:
+    """Fresh parameters for `model`, sampled on the host with PyTorch's default rules.
+
+    Each tensor of `abstract_params` (nothing is compiled) is filled by
+    `initializers.initial_value`, which follows the same rules as the modules'
+    initialisers (checked by tests). Deterministic in `seed` on every host, and
+    about a second for the full model where a jitted `model.init` compiles for
+    minutes on CPU.
+    """
+    shapes = {k: tuple(v.shape)
+              for k, v in traverse_util.flatten_dict(abstract_params(model)).items()}
+    rng = np.random.default_rng(seed)
+    params = {path: jnp.asarray(initial_value(path, shapes, rng), model.param_dtype)
+              for path in sorted(shapes)}
+    return traverse_util.unflatten_dict(params)
 
 
 def count_params(params: Any) -> int:

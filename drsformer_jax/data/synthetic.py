@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from drsformer_jax import images
+from drsformer_jax.utils import images
 
 # Bump when the generator changes, so that cached sets are regenerated.
 GENERATOR_VERSION = 1
@@ -354,8 +355,6 @@ def write_dataset(root: str | os.PathLike, name: str, num_train: int, num_test: 
     jobs = [("train", i) for i in range(num_train)] + [("test", i) for i in range(num_test)]
     bar = None
     if progress:
-        from tqdm import tqdm  # only for the progress bar
-
         bar = tqdm(total=len(jobs), desc=f"synthetic {name} ({regime})", unit=" pairs")
     for split, i in jobs:
         rainy, clean = make_pair(seed, split, i, height, width, regime)

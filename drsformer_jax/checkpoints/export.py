@@ -1,9 +1,7 @@
-"""Saving and loading DRSformer weights with orbax.
+"""Export directories: what `convert` writes and `drsformer_jax.load` reads.
 
-An *export directory* (what `convert` writes) holds `config.json` (the model's
-architecture fields) and `params/` (an orbax checkpoint of `{"params": ...}`).
-`load` also accepts a training checkpoint step directory or a training workdir
-(see `train.py`), so `derain` and `convert --to-torch` work on either.
+An export directory holds `config.json` (the model's architecture fields) and
+`params/` (an orbax checkpoint of `{"params": ...}`).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -27,11 +26,13 @@ class CheckpointError(ValueError):
     """A path that is not a loadable checkpoint; the message names it."""
 
 
+def is_export_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
 def save_export(directory: str | os.PathLike, model_config: dict[str, Any], params: Any, *,
                 overwrite: bool = False, metadata: dict[str, Any] | None = None) -> None:
     """Writes an export directory atomically: complete, or not there at all."""
-    import orbax.checkpoint as ocp
-
     directory = Path(directory).absolute()
     if (directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
             and not overwrite):
@@ -66,51 +67,9 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     return info["model"]
 
 
-def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, remat: bool = False,
-         conv_impl: str = "auto") -> tuple[Any, dict[str, Any]]:
-    """Loads a checkpoint: `model, variables = load(DIR)`; then `model.apply(variables, x)`.
-
-    `path` is an export directory (from `convert`), a training checkpoint step
-    directory, or a training workdir (its best checkpoint by PSNR, else the
-    latest). `x` is float32 NHWC in [0, 1] with H, W multiples of 8.
-    """
-    from drsformer_jax.models import from_config
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
-        config = read_model_config(path)
-        params = _restore_params(path / PARAMS_DIR)
-    else:
-        from drsformer_jax import train_checkpoints
-
-        config, params = train_checkpoints.load_params(path)
-    model = from_config(config, dtype=dtype, remat=remat, conv_impl=conv_impl)
-    _check_params(model, config, params, path)
-    return model, {"params": params}
-
-
-def _restore_params(directory: Path) -> Any:
-    import orbax.checkpoint as ocp
-
+def restore_params(directory: Path) -> Any:
     try:
         restored = ocp.StandardCheckpointer().restore(directory.absolute())
     except Exception as e:  # orbax raises many types for a damaged directory
         raise CheckpointError(f"{directory}: cannot restore parameters ({e})") from e
     return jax.tree_util.tree_map(jnp.asarray, restored["params"])
-
-
-def _check_params(model: Any, config: dict[str, Any], params: Any, path: Path) -> None:
-    from flax import traverse_util
-
-    x = jnp.zeros((1, 8, 8, config.get("inp_channels", 3)), jnp.float32)
-    want = traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-                                      ["params"])
-    got = traverse_util.flatten_dict(params)
-    bad = sorted("/".join(k) for k in set(want) ^ set(got))
-    bad += sorted("/".join(k) for k in set(want) & set(got)
-                  if tuple(want[k].shape) != tuple(got[k].shape))
-    if bad:
-        raise CheckpointError(f"{path}: parameters do not match the recorded model config "
-                              f"({len(bad)} differ, e.g. {', '.join(bad[:5])})")

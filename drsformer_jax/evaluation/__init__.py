@@ -1,0 +1,1 @@
+"""Evaluation: PSNR / SSIM under the paper's protocols (`metrics`), score files, the evaluator."""

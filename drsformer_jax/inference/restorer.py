@@ -1,0 +1,212 @@
+"""`Restorer`: a DRSformer run on images of any size, as the release's test.py does.
+
+The release's procedure: RGB in [0, 1] -> reflect-pad bottom/right to a
+multiple of 8 (`tiling.pad_to_multiple`) -> model (whole image, or tile by tile
+with overlapping tiles averaged) -> clamp to [0, 1] -> crop back.
+
+`Restorer` adds what a folder of real photos needs: automatic tiling when a
+whole-image pass would not fit in memory (`memory.estimate_memory`), optional
+size buckets and batches, so that a folder of mixed sizes compiles a handful of
+programs; `make_restorer` also turns on the persistent compilation cache, so
+that a second run does not compile at all. Training's evaluation, `--mode
+evaluate` and `derain` all restore through a `Restorer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drsformer_jax.checkpoints.loading import load
+from drsformer_jax.inference.cache import default_cache_dir, enable_compilation_cache
+from drsformer_jax.inference.memory import MEMORY_FRACTION, available_memory, estimate_memory
+from drsformer_jax.inference.tiling import (
+    DEFAULT_TILE_OVERLAP,
+    bucket_size,
+    pad_to_multiple,
+    padded_size,
+    restore_tiled,
+)
+from drsformer_jax.model.drsformer import SIZE_MULTIPLE
+
+_TILE_LADDER = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 64)
+
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one image is run: the program's image size, batch and tile (None: whole image)."""
+
+    size: tuple[int, int]  # padded image size, or (tile, tile)
+    batch: int  # images (or tiles) per call at most
+    tile: int | None = None
+    note: str | None = None  # why it is tiled, when that was decided automatically
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Images with one key run through the same compiled program."""
+        return self.size, self.batch, self.tile
+
+
+class Restorer:
+    """Restores images of any size with one model, compiling as few programs as it can.
+
+    Args:
+      model, variables: what `drsformer_jax.load` returns.
+      tile: tile every image with this tile size (a multiple of 8), as the
+        release's --tile does; None: tile only images that would not fit in memory.
+      tile_overlap: overlap of neighbouring tiles (the release's default 32).
+      buckets: pad whole images to `bucket_size` instead of the next multiple of 8,
+        so that images of similar sizes share a program (results differ slightly:
+        see README).
+      batch_size: images (or tiles) per call; fewer when memory is short.
+      memory_limit: bytes a pass may use; None: MEMORY_FRACTION of `available_memory()`.
+    """
+
+    def __init__(self, model: Any, variables: Any, *, tile: int | None = None,
+                 tile_overlap: int = DEFAULT_TILE_OVERLAP, buckets: bool = False,
+                 batch_size: int = 1, memory_limit: int | None = None):
+        if tile is not None and (tile <= 0 or tile % SIZE_MULTIPLE):
+            raise ValueError(f"tile size must be a positive multiple of {SIZE_MULTIPLE}, "
+                             f"got {tile}")
+        if tile_overlap < 0:
+            raise ValueError(f"tile overlap must be >= 0, got {tile_overlap}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.dim = int(model.dim)
+        self.tile, self.tile_overlap = tile, tile_overlap
+        self.buckets, self.batch_size = buckets, batch_size
+        # The variables are an argument, not a closure: closed-over arrays become
+        # constants that XLA constant-folds, slowly and with different rounding, and
+        # they would make the persistent cache key depend on the weights.
+        def drsformer_forward(variables: Any, x: jax.Array) -> jax.Array:
+            return model.apply(variables, x)
+
+        self._apply = jax.jit(drsformer_forward)
+        self.set_variables(variables)
+        if memory_limit is None:
+            free = available_memory()
+            memory_limit = None if free is None else int(free * MEMORY_FRACTION)
+        self.memory_limit = memory_limit
+
+    def set_variables(self, variables: Any) -> None:
+        """Restores with these weights from now on (same shapes: nothing recompiles)."""
+        # One device, one plain layout: weights restored from a training checkpoint carry
+        # the training mesh's sharding, which would make a different program (and
+        # cache entry) from the same weights out of an export directory.
+        self._variables = jax.device_put(variables, jax.local_devices()[0])
+
+    def _fits(self, height: int, width: int, batch: int = 1) -> bool:
+        return (self.memory_limit is None
+                or estimate_memory(self.dim, height, width, batch) <= self.memory_limit)
+
+    def _batch_for(self, height: int, width: int) -> int:
+        batch = self.batch_size
+        while batch > 1 and not self._fits(height, width, batch):
+            batch //= 2
+        return batch
+
+    def plan(self, height: int, width: int) -> Plan:
+        """The plan for an image of (height, width) pixels."""
+        hp, wp = padded_size(height, width)
+        if self.tile is not None:
+            t = min(self.tile, hp, wp)
+            return Plan((t, t), self._batch_for(t, t), self.tile)
+        size = bucket_size(height, width) if self.buckets else (hp, wp)
+        if self._fits(*size):
+            return Plan(size, self._batch_for(*size))
+        fitting = [t for t in _TILE_LADDER if self._fits(t, t)]
+        tile = fitting[0] if fitting else _TILE_LADDER[-1]
+        gib = 2 ** 30
+        note = (f"{width}x{height} needs ~{estimate_memory(self.dim, hp, wp) / gib:.1f} GiB "
+                f"untiled, {self.memory_limit / gib:.1f} GiB usable: tiling with "
+                f"{min(tile, hp, wp)}x{min(tile, hp, wp)} tiles, overlap {self.tile_overlap}")
+        t = min(tile, hp, wp)
+        return Plan((t, t), self._batch_for(t, t), tile, note)
+
+    def after_out_of_memory(self, plan: Plan) -> Plan | None:
+        """The plan to retry with after `plan` ran out of memory; None: nothing smaller.
+
+        First one image (or tile) per call, then the next smaller tile of the ladder.
+        """
+        if plan.batch > 1:
+            return dataclasses.replace(plan, batch=1, note=f"out of memory with batches of "
+                                       f"{plan.batch}: retrying one at a time")
+        area = plan.size[0] * plan.size[1]
+        smaller = [t for t in _TILE_LADDER if min(t, *plan.size) ** 2 < area]
+        if not smaller:
+            return None
+        t = min(smaller[0], *plan.size)
+        return Plan((t, t), 1, smaller[0], f"out of memory at {plan.size[1]}x{plan.size[0]}: "
+                    f"retrying with {t}x{t} tiles, overlap {self.tile_overlap}")
+
+    def restore(self, images: Sequence[np.ndarray], plan: Plan,
+                group_size: int | None = None) -> list[np.ndarray]:
+        """Restores (H, W, 3) float images in [0, 1] planned with `plan`.
+
+        `group_size`: how many images of this plan the caller has in all (default:
+        these). Calls run plan.batch images, padded with copies of the last one,
+        when the group fills a batch; a smaller group runs at the next power of two.
+        So a plan compiles one program, or a few powers of two for small groups.
+        Returns float32 images of the inputs' sizes, clamped to [0, 1].
+        """
+        if plan.tile is not None:
+            # Tiles are always run plan.batch at a time: one program per tile size.
+            run = functools.partial(self._run, batch=plan.batch)
+            return [restore_tiled(run, im, plan.tile, self.tile_overlap, plan.batch)
+                    for im in images]
+        full = (group_size or len(images)) >= plan.batch
+        out = []
+        for start in range(0, len(images), plan.batch):
+            chunk = images[start:start + plan.batch]
+            x = np.stack([pad_to_multiple(np.asarray(im, np.float32), size=plan.size)
+                          for im in chunk])
+            batch = plan.batch if full else _program_batch(len(chunk), plan.batch)
+            y = np.clip(self._run(x, batch), 0.0, 1.0)
+            out += [y[i, :im.shape[0], :im.shape[1]] for i, im in enumerate(chunk)]
+        return out
+
+    def _run(self, x: np.ndarray, batch: int) -> np.ndarray:
+        """The model on a stack of n <= batch images, padded with copies to `batch`."""
+        n = x.shape[0]
+        if batch > n:
+            x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
+        return np.asarray(self._apply(self._variables, jnp.asarray(x)))[:n]
+
+
+
+def _program_batch(n: int, max_batch: int) -> int:
+    """The next power of two >= n, at most max_batch (and at least n)."""
+    return max(n, min(max_batch, 1 << (n - 1).bit_length()))
+
+
+def make_restorer(checkpoint: str | os.PathLike, *, tile: int | None = None,
+                  tile_overlap: int = DEFAULT_TILE_OVERLAP, buckets: bool = False,
+                  batch_size: int = 1, memory_limit_gib: float | None = None,
+                  cache_dir: str | os.PathLike | None = None, **load_kwargs: Any) -> Restorer:
+    """Loads `checkpoint` into a Restorer (arguments: derain's restore flags).
+
+    Turns the persistent compilation cache on first: `cache_dir`, or
+    `default_cache_dir()` when None; "none" turns it off.
+    """
+    cache = default_cache_dir() if cache_dir is None else cache_dir
+    cache = None if str(cache).lower() in ("none", "") else cache
+    try:
+        enable_compilation_cache(cache)
+    except OSError as e:  # a read-only home, say: run without the cache
+        print(f"note: compilation cache off: cannot create {cache} ({e.strerror or e})",
+              file=sys.stderr)
+        enable_compilation_cache(None)
+    model, variables = load(checkpoint, **load_kwargs)
+    limit = None if memory_limit_gib is None else int(memory_limit_gib * 2 ** 30)
+    return Restorer(model, variables, tile=tile, tile_overlap=tile_overlap, buckets=buckets,
+                    batch_size=batch_size, memory_limit=limit)

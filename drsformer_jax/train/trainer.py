@@ -1,0 +1,152 @@
+"""Training DRSformer as the release does, on any number of devices and hosts.
+
+Data parallel: one `jax.jit`-compiled train step over a `Mesh` of every device
+of every host, the batch sharded along 'data', parameters and optimizer state
+replicated. AdamW with the release's schedule (constant, then cosine) and
+global-norm clipping. Resumes exactly: the state, the data position (the input
+pipeline is a pure function of (seed, step)) and the open logging window are
+all in the checkpoint.
+
+This module does not import TensorFlow: `create_train_state` and `train_step`
+run where only JAX is installed. The loop is `train.loop.train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from drsformer_jax.model.drsformer import DRSformer, from_config, init_params
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a bad configuration)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# --- optimizer and state ---------------------------------------------------------------
+
+def create_learning_rate_fn(config: Any) -> Callable[[jax.Array], jax.Array]:
+    """The release's CosineAnnealingRestartCyclicLR, as a function of the update count.
+
+    The release steps its scheduler before each update, so update n (0-based)
+    uses last_epoch = n: lr = base while n <= constant_steps, then
+    eta_min + (base - eta_min) / 2 * (1 + cos(pi * (n - constant) / cosine_steps)),
+    and eta_min after the cosine ends. The schedule is fixed by these fields,
+    not by num_train_steps, so a run extended later follows the same curve.
+    """
+    base, eta_min = float(config.learning_rate), float(config.min_learning_rate)
+    constant, cosine = int(config.lr_constant_steps), int(config.lr_cosine_steps)
+
+    def learning_rate(count: jax.Array) -> jax.Array:
+        n = jnp.asarray(count, jnp.float32)
+        t = jnp.clip((n - constant) / max(cosine, 1), 0.0, 1.0)
+        annealed = eta_min + 0.5 * (base - eta_min) * (1.0 + jnp.cos(jnp.pi * t))
+        return jnp.where(n <= constant, base, annealed)
+
+    return learning_rate
+
+
+def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        coef = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree_util.tree_map(lambda g: g * coef.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def create_optimizer(config: Any) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decoupled weight decay on every parameter)."""
+    return optax.chain(
+        clip_grad_norm(float(config.grad_clip_norm)),
+        optax.adamw(create_learning_rate_fn(config), b1=float(config.adam_b1),
+                    b2=float(config.adam_b2), eps=float(config.adam_eps),
+                    weight_decay=float(config.weight_decay)))
+
+
+def create_train_state(config: Any, model: DRSformer,
+                       tx: optax.GradientTransformation) -> TrainState:
+    """Fresh parameters (PyTorch's default init, sampled on the host) and optimizer state."""
+    params = init_params(model, int(config.seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+# --- steps ------------------------------------------------------------------------------
+
+def l1_loss(params: Any, batch: dict[str, jax.Array], model: DRSformer) -> jax.Array:
+    """The release's loss: mean |model(rainy) - clean| over every value of the batch."""
+    restored = model.apply({"params": params}, batch["input"])
+    return jnp.mean(jnp.abs(restored - batch["target"].astype(jnp.float32)))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: DRSformer,
+               tx: optax.GradientTransformation,
+               learning_rate_fn: Callable[[jax.Array], jax.Array]) -> tuple[TrainState, dict]:
+    """One AdamW update on the L1 loss of model(rainy) against clean.
+
+    Jitted with the batch sharded over the devices (`make_train_step`), each
+    device runs its shard in one forward / backward and XLA sums the gradients
+    with one all-reduce.
+    """
+    loss, grads = jax.value_and_grad(l1_loss)(state.params, batch, model)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Whether the new parameters are finite: checked before they are checkpointed.
+    finite = jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])
+    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": learning_rate_fn(state.step), "params_finite": jnp.all(finite)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def create_model(config: Any) -> DRSformer:
+    """The DRSformer a training config describes (its model fields are top-level)."""
+    try:
+        return from_config(config, strict=False)
+    except ValueError as e:
+        raise TrainingError(f"config: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The jitted train step over a mesh, and the shardings its arguments must have."""
+
+    fn: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]
+    state_sharding: NamedSharding
+    batch_sharding: NamedSharding
+
+
+def make_train_step(config: Any, model: DRSformer, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> CompiledStep:
+    """`train_step` jitted over `mesh` as training runs it (the benchmark times this too).
+
+    The batch is sharded along 'data', the state replicated and donated.
+    """
+    n_devices = mesh.shape["data"]
+    global_batch = int(config.global_batch_size)
+    if global_batch % n_devices:
+        raise TrainingError(f"global_batch_size {global_batch} must be a multiple of the "
+                            f"number of devices ({n_devices})")
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = functools.partial(train_step, model=model, tx=tx,
+                             learning_rate_fn=create_learning_rate_fn(config))
+    fn = jax.jit(step, in_shardings=(replicated, batch_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+    return CompiledStep(fn, replicated, batch_sharding)

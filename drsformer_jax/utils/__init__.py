@@ -1,0 +1,1 @@
+"""Shared helpers: the one image reader / writer, file helpers, the TensorFlow import."""

@@ -1,0 +1,90 @@
+"""Files: the one image lister, atomic writes, and how lists of names are shown."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+NAMES_SHOWN = 5  # names shown before "and N more"
+
+# The umask, read once (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether the name has one of IMAGE_EXTENSIONS (any case)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in `folder`, sorted by name.
+
+    Hidden files (names starting with '.'), sub-folders and other extensions
+    are left out. Raises OSError when the folder cannot be listed.
+    """
+    with os.scandir(folder) as entries:
+        found = [Path(e.path) for e in entries
+                 if not e.name.startswith(".") and is_image_file(e.name) and e.is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+    """Creates `folder` if needed and checks that a file can be written there (OSError if
+    not), so that a long job finds out before it starts rather than at its first output."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
+def first_names(names: Sequence[str], limit: int = NAMES_SHOWN, sep: str = ", ") -> str:
+    """'a, b, c, and 4 more': the first `limit` names, and how many are left out."""
+    shown = sep.join(names[:limit])
+    more = len(names) - limit
+    return f"{shown}{sep}and {more} more" if more > 0 else shown
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed to it when the block succeeds.
+
+    `path` then appears complete or not at all; on an error the temporary file
+    is removed and `path` is left as it was. The file gets the usual
+    0o666 & ~umask permissions (mkstemp's are 0o600).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` so that `path` is complete or absent (creating its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | os.PathLike, doc: Any, indent: int = 1) -> None:
+    """Writes `doc` as JSON so that `path` is complete or absent."""
+    write_bytes_atomic(path, (json.dumps(doc, indent=indent) + "\n").encode())
