@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -20,13 +21,22 @@ TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
 SYNTHETIC = dict(num_train=1, num_test=3, height=16, width=16)
 
 
+def _protocol(name: str, chosen: str = "") -> str:
+    return evaluate.benchmark_protocol(ml_collections.ConfigDict(
+        {"dataset": {"name": name, "benchmark_protocol": chosen}}))
+
+
 def test_benchmark_protocols():
-    assert {name: evaluate.benchmark_protocol(name) for name in
-            ("Rain200L", "Rain200H", "SPA-Data", "DID-Data", "DDN-Data", "synthetic")} == {
+    assert {name: _protocol(name) for name in
+            ("Rain200L", "Rain200H", "SPA-Data", "DID-Data", "DDN-Data", "synthetic",
+             "Real")} == {
         "Rain200L": "matlab", "Rain200H": "matlab", "SPA-Data": "matlab",
-        "DID-Data": "rcdnet", "DDN-Data": "rcdnet", "synthetic": "matlab"}
-    assert evaluate.benchmark_protocol("MyRain") == "matlab"
-    assert set(evaluate.BENCHMARK_PROTOCOLS.values()) <= set(metrics.PROTOCOLS)
+        "DID-Data": "rcdnet", "DDN-Data": "rcdnet", "synthetic": "matlab",
+        "Real": "niqe,brisque"}
+    assert _protocol("MyRain") == "matlab"
+    assert _protocol("MyRealRain", "niqe,brisque") == "niqe,brisque"
+    assert set(evaluate.BENCHMARK_PROTOCOLS.values()) <= set(metrics.PROTOCOLS) | {
+        "niqe,brisque"}
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +187,30 @@ def test_rcdnet_data_set_and_a_broken_pair(env, export_run, tmp_path, capsys):
     synthetic_doc, synthetic_out = export_run
     assert (out / "00000.png").read_bytes() == (synthetic_out / "00000.png").read_bytes()
     assert doc["images"]["00000.png"] != synthetic_doc["images"]["00000.png"]
+
+
+def test_real_rain_set_scores_inputs_and_outputs_without_targets(env, tmp_path, fixtures_dir):
+    """A set of rainy photos only (input/, no target/): NIQE / BRISQUE of both, Table 2."""
+    from drsformer_jax.evaluation import no_reference
+    from drsformer_jax.utils.images import write_image
+
+    photo = read_rgb8(fixtures_dir / "iqa" / "I19.png")
+    inputs = tmp_path / "data" / "test" / "Real" / "input"
+    crops = {"a.png": photo[:112, :120], "b.png": photo[100:212, 200:304]}
+    for name, pixels in crops.items():
+        write_image(inputs / name, pixels)
+    config = ml_collections.ConfigDict(env["config"].to_dict())
+    config.dataset.name, config.dataset.source = "Real", "folder"
+    config.dataset.root = str(tmp_path / "data")
+    doc = evaluate.evaluate_checkpoint(config, tmp_path / "work", env["export"])
+    out = tmp_path / "work" / "eval" / "Real"
+    assert doc["protocol"] == "niqe,brisque" and sorted(doc["images"]) == ["a.png", "b.png"]
+    assert json.loads((out / SCORE_FILE).read_text()) == doc
+    for name, pixels in crops.items():
+        figures = doc["images"][name]
+        assert figures["input_niqe"] == no_reference.niqe(pixels)
+        assert figures["input_brisque"] == no_reference.brisque(pixels)
+        restored = read_rgb8(out / name)
+        assert restored.shape == pixels.shape
+        assert figures["niqe"] == no_reference.niqe(restored)
+    assert set(doc["mean"]) == {"niqe", "brisque", "input_niqe", "input_brisque"}

@@ -51,6 +51,11 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
 def test_scores_pairs_by_name_then_stem_and_writes_json(folders, tmp_path, capsys):
     results, targets = folders
     out_json = tmp_path / "out" / "scores.json"
+    # --json into a folder that does not exist is an error, not a silently made tree.
+    assert score.main(["--results", str(results), "--targets", str(targets),
+                       "--json", str(out_json)]) == 2
+    assert not out_json.parent.exists()
+    out_json.parent.mkdir()
     code, out, err = _run(capsys, "--results", results, "--targets", targets,
                           "--json", out_json)
     assert code == 0, err
@@ -182,4 +187,41 @@ def test_cli_as_a_module_without_traceback(folders, tmp_path):
         [sys.executable, "-m", "drsformer_jax.score", "--results", str(results),
          "--targets", str(targets), "--protocol", "nope"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False)
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert bad.returncode == 2 and "unknown protocol nope" in bad.stderr
+
+
+def test_no_reference_metrics_need_no_targets(tmp_path, capsys, fixtures_dir):
+    """--protocol niqe,brisque scores the results alone; bad files are named, others scored."""
+    from drsformer_jax.evaluation import no_reference
+    from drsformer_jax.utils.images import read_rgb8
+
+    results = tmp_path / "real"
+    results.mkdir()
+    source = read_rgb8(fixtures_dir / "iqa" / "I04.png")
+    write_image(results / "a.png", source)
+    write_image(results / "gray.png", source.mean(axis=2).astype(np.uint8)[:, :, None])
+    write_image(results / "tiny.png", source[:64, :64])  # below NIQE's 96x96 block
+    (results / "broken.png").write_bytes(b"not a png")
+    out_json = tmp_path / "score.json"
+    code, out, err = _run(capsys, "--results", results, "--protocol", "niqe,brisque",
+                          "--json", out_json)
+    assert code == 1
+    assert "broken.png" in err and "tiny.png" in err and "96x96" in err
+    assert "2 of 4 image(s) could not be scored" in err
+    doc = json.loads(out_json.read_text())
+    assert doc["protocol"] == "niqe,brisque" and set(doc["images"]) == {"a.png", "gray.png"}
+    assert doc["images"]["a.png"] == {"niqe": no_reference.niqe(source),
+                                      "brisque": no_reference.brisque(source)}
+    mean = (doc["images"]["a.png"]["niqe"] + doc["images"]["gray.png"]["niqe"]) / 2
+    assert doc["mean"]["niqe"] == pytest.approx(mean)
+    assert "NIQE" in out and "BRISQUE" in out
+
+
+def test_full_reference_protocols_need_targets(tmp_path, capsys):
+    results = tmp_path / "r"
+    write_image(results / "a.png", _image(1))
+    code, _, err = _run(capsys, "--results", results, "--protocol", "matlab")
+    assert code == 2 and "--targets is needed" in err
+    with pytest.raises(SystemExit) as bad:  # a bad flag: argparse's exit status 2
+        score.main(["--results", str(results), "--protocol", "matlab,rcdnet"])
+    assert bad.value.code == 2 and "at most one of" in capsys.readouterr().err

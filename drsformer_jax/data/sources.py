@@ -46,6 +46,9 @@ def default_dataset_config(name: str) -> ml_collections.ConfigDict:
     cfg.root = "data"  # root of <root>/{train,test}/<name>/{input,target}
     cfg.tfds_data_dir = ""  # "" = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
     cfg.eval_max_images = 0  # 0 = the whole test split
+    # --mode evaluate's scoring: "" = by data set name (evaluation.BENCHMARK_PROTOCOLS);
+    # e.g. "niqe,brisque" for a custom set of real rainy photos (input/ only).
+    cfg.benchmark_protocol = ""
     cfg.synthetic = ml_collections.ConfigDict({
         "num_train": 256, "num_test": 16, "height": 192, "width": 192,
         "regime": "heavy", "seed": 0,
@@ -96,7 +99,7 @@ class FolderPairs:
     dataset: str
     split: str
     input_dir: Path
-    target_dir: Path
+    target_dir: Path | None  # None: a set of rainy images only (real rain, `find_inputs`)
     names: tuple[str, ...]  # input file names (plain strings: SPA-Data has 638k)
     target_names: tuple[str, ...]
 
@@ -109,8 +112,10 @@ class FolderPairs:
     def target_path(self, index: int) -> Path:
         return self.target_dir / self.target_names[index]
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         rainy = images.read_rgb8(self.input_path(index))
+        if self.target_dir is None:
+            return rainy, None
         clean = images.read_rgb8(self.target_path(index))
         if rainy.shape != clean.shape:
             raise DatasetError(
@@ -172,6 +177,20 @@ def find_pairs(root: str | os.PathLike, dataset: str, split: str) -> FolderPairs
         names=tuple(inputs[s] for s in stems), target_names=tuple(targets[s] for s in stems))
 
 
+def find_inputs(root: str | os.PathLike, dataset: str, split: str) -> FolderPairs:
+    """The rainy images of `<root>/<split>/<dataset>/input` alone (real rain: no targets)."""
+    folder = Path(root) / split / dataset / "input"
+    if not folder.is_dir():
+        raise DatasetError(f"{dataset} {split} split: {folder} "
+                           + ("does not exist" if not folder.exists() else "is not a folder"))
+    names = sorted((p.name for p in list_images(folder)), key=natural_key)
+    if not names:
+        raise DatasetError(f"{dataset} {split} split: {folder} has no image files "
+                           f"({', '.join(images.IMAGE_EXTENSIONS)})")
+    return FolderPairs(dataset=dataset, split=split, input_dir=folder, target_dir=None,
+                       names=tuple(names), target_names=())
+
+
 def _images_by_stem(folder: Path) -> tuple[dict[str, str], list[str]]:
     """{stem: file name} of the images in `folder`, and the names that clash."""
     files: dict[str, str] = {}
@@ -224,8 +243,13 @@ def synthetic_root(dataset_config: ml_collections.ConfigDict) -> Path:
         str(s.regime), int(s.seed))
 
 
-def open_split(config: ml_collections.ConfigDict, split: str) -> PairSource:
-    """The pairs of `split` ('train' or 'test') of the configured data set."""
+def open_split(config: ml_collections.ConfigDict, split: str,
+               inputs_only: bool = False) -> PairSource:
+    """The pairs of `split` ('train' or 'test') of the configured data set.
+
+    `inputs_only`: a folder set may have no target/ folder (real rain); its
+    pairs then have None for the clean image.
+    """
     ds = config.dataset
     # Any folder name works with the folder source (a custom set laid out like
     # the release's); the TFDS builders know the release's five sets only.
@@ -242,7 +266,10 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> PairSource:
     if source == "tfds":
         data_dir = str(ds.get("tfds_data_dir", ""))
         return TfdsPairs(name, split, os.path.expanduser(data_dir) if data_dir else None)
-    return find_pairs(os.path.expanduser(str(ds.root)), name, split)
+    root = os.path.expanduser(str(ds.root))
+    if inputs_only and not (Path(root) / split / name / "target").exists():
+        return find_inputs(root, name, split)
+    return find_pairs(root, name, split)
 
 
 

@@ -22,16 +22,25 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from drsformer_jax.data.sources import PairSource, eval_count, open_split
-from drsformer_jax.evaluation import metrics
-from drsformer_jax.evaluation.scores import SCORE_FILE, score_document, write_score_file
+from drsformer_jax.evaluation.scores import (
+    SCORE_FILE,
+    format_figures,
+    image_figures,
+    needs_targets,
+    parse_protocol,
+    score_document,
+    write_score_file,
+)
 from drsformer_jax.inference import Job, Restorer, make_restorer, restore_jobs
 from drsformer_jax.utils import images
 from drsformer_jax.utils.files import first_names
 
-# The protocol behind each column of the paper's Table 1 (see metrics.py).
+# The protocol behind each column of the paper's Table 1 (see metrics.py), and
+# Table 2's no-reference metrics for real rain (a set of rainy images only).
 BENCHMARK_PROTOCOLS = {
     "Rain200L": "matlab", "Rain200H": "matlab", "SPA-Data": "matlab",
     "DID-Data": "rcdnet", "DDN-Data": "rcdnet", "synthetic": "matlab",
+    "Real": "niqe,brisque",
 }
 DEFAULT_PROTOCOL = "matlab"  # custom folder sets: the Restormer script of Rain200L/H
 
@@ -43,9 +52,11 @@ class EvaluationError(RuntimeError):
     """An evaluation that could not score every image; the message says why."""
 
 
-def benchmark_protocol(dataset_name: str) -> str:
-    """The scoring protocol of a data set: 'matlab' or 'rcdnet' (see metrics.PROTOCOLS)."""
-    return BENCHMARK_PROTOCOLS.get(dataset_name, DEFAULT_PROTOCOL)
+def benchmark_protocol(config: ml_collections.ConfigDict) -> str:
+    """The scoring protocol of the configured data set: `dataset.benchmark_protocol` if
+    set (e.g. 'niqe,brisque' for a custom real-rain set), else by its name (Tables 1, 2)."""
+    chosen = str(config.dataset.get("benchmark_protocol", "") or "")
+    return chosen or BENCHMARK_PROTOCOLS.get(str(config.dataset.name), DEFAULT_PROTOCOL)
 
 
 def restore_pairs(restorer: Restorer, pairs: PairSource, indices: Sequence[int],
@@ -54,10 +65,11 @@ def restore_pairs(restorer: Restorer, pairs: PairSource, indices: Sequence[int],
                   progress: bool = True) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Restores and scores test pairs `indices`; returns ({name: figures}, failures).
 
-    The figures of each image are "psnr", "ssim" of the restored image and
-    "input_psnr", "input_ssim" of the rainy input, under `protocol`; `name` is
-    `<stem>.png`. With `out_dir` each restored image is written there as that
-    PNG (and scored from the pixels written, as `score` would read them).
+    The figures of each image are those of `scores.image_figures` under `protocol`
+    (e.g. "psnr", "ssim"; "niqe", "brisque") for the restored image, and the same
+    with an "input_" prefix for the rainy input; `name` is `<stem>.png`. With
+    `out_dir` each restored image is written there as that PNG (and scored from
+    the pixels written, as `score` would read them).
     """
     scores: dict[str, dict[str, float]] = {}
     jobs, failures = [], []
@@ -94,9 +106,9 @@ def _pair_job(pairs: PairSource, index: int, protocol: str,
             images.write_image(out_dir / file_name, result)
         if on_image is not None:
             on_image(index, rainy, result, clean)
-        out, inp = metrics.evaluate(result, clean, protocol), metrics.evaluate(rainy, clean,
-                                                                               protocol)
-        scores[file_name] = {**out, "input_psnr": inp["psnr"], "input_ssim": inp["ssim"]}
+        protocols = parse_protocol(protocol)
+        out, inp = (image_figures(x, clean, protocols) for x in (result, rainy))
+        scores[file_name] = {**out, **{f"input_{k}": v for k, v in inp.items()}}
 
     return Job(str(name), tuple(size), load, save)
 
@@ -138,13 +150,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     (ValueErrors) when the data set or the checkpoint cannot be opened.
     """
     dataset = str(config.dataset.name)
-    protocol = benchmark_protocol(dataset)
-    pairs = open_split(config, "test")
+    protocol = benchmark_protocol(config)
+    with_targets = needs_targets(parse_protocol(protocol))
+    pairs = open_split(config, "test", inputs_only=not with_targets)
     count = eval_count(config, len(pairs))
     out_dir = Path(output_dir) if output_dir is not None else Path(workdir) / "eval" / dataset
     for kind in ("input_dir", "target_dir"):
         folder = getattr(pairs, kind, None)
-        if folder is not None and out_dir.resolve() == Path(folder).resolve():
+        if folder and out_dir.resolve() == Path(folder).resolve():
             raise EvaluationError(f"--output {out_dir} is the data set's {kind[:-4]} folder; "
                                   "choose another folder")
     source = Path(checkpoint) if checkpoint is not None else Path(workdir)
@@ -156,12 +169,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
                                      desc=f"evaluate {dataset}")
     doc: dict[str, Any] = {"protocol": protocol, "mean": {}, "images": {}}
     if scores:
-        doc = score_document({n: {k: s[k] for k in ("psnr", "ssim")}
+        # Full-reference: the results' figures, the layout of `score --json`. No
+        # reference (real rain): the inputs' too, the paper's Table 2 row.
+        doc = score_document({n: {k: v for k, v in s.items()
+                                  if not (with_targets and k.startswith("input_"))}
                               for n, s in scores.items()}, protocol)
         write_score_file(out_dir / SCORE_FILE, doc)
         print(f"{dataset}: mean of {len(scores)} image(s) ({protocol} protocol): "
-              f"PSNR {doc['mean']['psnr']:.4f} dB  SSIM {doc['mean']['ssim']:.6f} "
-              f"-> {out_dir / SCORE_FILE}", flush=True)
+              f"{format_figures(doc['mean'])} -> {out_dir / SCORE_FILE}", flush=True)
     if failures:
         raise EvaluationError(f"{len(failures)} of {count} test images could not be "
                               f"evaluated and are left out of the mean: {failures[0]}"
