@@ -1,6 +1,7 @@
 """Name mapping against the official tensor tables, the converter's errors, the .pth reader."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -168,3 +169,308 @@ def test_bare_state_dict_is_accepted(small_sd, tmp_path):
     save_pth(tmp_path / "bare.pth", small_sd, wrap_key=None)
     assert convert.main(["--torch-checkpoint", str(tmp_path / "bare.pth"),
                          "--output", str(tmp_path / "o")]) == 0
+
+
+# --- non-finite weights are refused, by convert and by every kind of checkpoint ----------
+
+def _sd_with(small_sd, bad_names, value=np.nan):
+    sd = {k: v.copy() for k, v in small_sd.items()}
+    for name in bad_names:
+        sd[name].flat[0] = value
+    return sd
+
+
+def test_a_nan_weight_is_refused_by_convert_and_load(small_sd, tmp_path, capsys):
+    import drsformer_jax
+    from drsformer_jax.checkpoints.export import CheckpointError
+
+    pth = tmp_path / "model.pth"
+    save_pth(pth, _sd_with(small_sd, ["output.weight"]))
+    out = tmp_path / "out"
+    assert convert.main(["--torch-checkpoint", str(pth), "--output", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {pth}: 1 tensor is not finite (NaN or inf): output.weight\n")
+    assert not out.exists()
+    with pytest.raises(CheckpointError, match=r"1 tensor is not finite .*: output\.weight$"):
+        drsformer_jax.load(pth)
+
+
+def test_many_non_finite_weights_are_counted(small_sd, tmp_path, capsys):
+    names = [n for n in small_sd if n.endswith(".weight")][:7]
+    pth = tmp_path / "inf.pth"
+    save_pth(pth, _sd_with(small_sd, names, np.inf))
+    assert convert.main(["--torch-checkpoint", str(pth), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {pth}: 7 tensors are not finite (NaN or inf): ")
+    assert err.rstrip().endswith("and 2 more") and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model's config and params, and an export directory of them."""
+    from drsformer_jax.checkpoints.export import save_export
+    from drsformer_jax.model.drsformer import DRSformer, init_params
+
+    model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
+    params = init_params(model, 0)
+    export = tmp_path_factory.mktemp("tiny") / "export"
+    save_export(export, model.config(), params)
+    return model.config(), params, export
+
+
+def _poisoned(params):
+    flat = traverse_util.flatten_dict(params)
+    flat = {k: np.asarray(v).copy() for k, v in flat.items()}
+    flat[("output", "kernel")].flat[3] = np.nan
+    flat[("latent_0", "attn", "temperature")].flat[0] = -np.inf
+    return traverse_util.unflatten_dict(flat)
+
+
+def test_non_finite_weights_in_an_export_dir_and_a_training_checkpoint(tiny, tmp_path, capsys):
+    from drsformer_jax.checkpoints import training
+    from drsformer_jax.checkpoints.export import CheckpointError, save_export
+    from drsformer_jax.checkpoints.loading import load_params
+
+    config, params, _ = tiny
+    bad = _poisoned(params)
+    export = tmp_path / "export"
+    save_export(export, config, bad)
+    want = "2 tensors are not finite (NaN or inf): latent_0/attn/temperature, output/kernel"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(f'{export}: {want}')}$"):
+        load_params(export)
+    out = tmp_path / "back.pth"
+    assert convert.main(["--to-torch", "--checkpoint", str(export), "--output", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: {export}: {want}\n"
+    assert not out.exists()
+
+    workdir = tmp_path / "work"
+    manager = training.open_manager(workdir, async_save=False)
+    training.save(manager, 3, {"step": 3, "params": bad}, {}, config)
+    manager.wait_until_finished()
+    manager.close()
+    for path in (workdir, workdir / "checkpoints" / "3"):
+        with pytest.raises(CheckpointError, match=f": {re.escape(want)}$"):
+            load_params(path)
+
+
+# --- what convert sees ---------------------------------------------------------------
+
+def test_a_data_parallel_state_dict_is_read_with_a_note(small_sd, tmp_path, capsys):
+    pth = tmp_path / "ddp.pth"
+    save_pth(pth, {f"module.{k}": v for k, v in small_sd.items()})
+    out = tmp_path / "out"
+    assert convert.main(["--torch-checkpoint", str(pth), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: {pth}: every tensor name starts with 'module.'")
+    assert err.count("\n") == 1
+    from drsformer_jax.checkpoints.loading import load_params
+
+    _, params = load_params(out)
+    _, want = state_dict_to_flax(small_sd)
+    got, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(want)
+    assert set(got) == set(want)
+    assert all(np.array_equal(np.asarray(got[k]), want[k]) for k in want)
+
+
+def test_a_partly_prefixed_state_dict_is_not_stripped(small_sd, tmp_path, capsys):
+    sd = {(f"module.{k}" if i % 2 else k): v for i, (k, v) in enumerate(small_sd.items())}
+    save_pth(tmp_path / "half.pth", sd)
+    assert convert.main(["--torch-checkpoint", str(tmp_path / "half.pth"),
+                         "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'half.pth'}: cannot infer the architecture")
+    assert err.count("\n") == 1 and f"of the {len(sd)} names start with 'module.'" in err
+
+
+def test_another_architecture_says_so(tmp_path, capsys):
+    pth = tmp_path / "resnet.pth"
+    save_pth(pth, {f"layer{i}.conv.weight": np.zeros((2, 2, 3, 3), np.float32)
+                   for i in range(8)}, wrap_key=None)
+    assert convert.main(["--torch-checkpoint", str(pth), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {pth}: no DRSformer tensors; first names: layer0.conv.weight, "
+        "layer1.conv.weight, layer2.conv.weight, layer3.conv.weight, layer4.conv.weight, "
+        "and 3 more\n")
+
+
+def test_a_directory_as_torch_checkpoint(tmp_path, capsys):
+    assert convert.main(["--torch-checkpoint", str(tmp_path), "--output",
+                         str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: is a directory; --torch-checkpoint takes a "
+                          "release .pth file")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--checkpoint", "x", "--output", "o"], "--checkpoint applies only with --to-torch"),
+    (["--to-torch", "--torch-checkpoint", "a.pth", "--checkpoint", "x", "--output", "o.pth"],
+     "--torch-checkpoint does not apply with --to-torch"),
+    (["--to-torch", "--output", "o.pth"], "--to-torch needs --checkpoint"),
+    (["--output", "o"], "give --torch-checkpoint FILE"),
+    (["--torch-checkpoint", "a.pth"], "--output"),
+    (["--torch-checkpoint", "a.pth", "--output", "o", "--tile", "8"], "unrecognized"),
+])
+def test_flags_that_do_not_apply_are_refused(argv, match, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        convert.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error:" in line][0].endswith(
+        err.splitlines()[-1]) and match in err.splitlines()[-1]
+    assert not list(tmp_path.iterdir())  # nothing read, nothing written
+
+
+# --- --to-torch (and forward) refusals: one error line, before anything is read -------------
+
+@pytest.fixture()
+def no_reading(monkeypatch):
+    """Fails the test if a checkpoint is read: the cheap checks must come first."""
+    def boom(*args, **kwargs):
+        raise AssertionError("read a checkpoint before checking the paths")
+
+    monkeypatch.setattr(convert, "load_params", boom)
+
+
+def _one_error(capsys, start):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {start}"), err
+    return err
+
+
+def test_to_torch_refusals(tiny, tmp_path, capsys, no_reading):
+    _, _, export = tiny
+    missing = tmp_path / "nope"
+    cases = [
+        ([str(missing), str(tmp_path / "a.pth")], f"{missing}: no such checkpoint"),
+        ([str(export / "params"), str(tmp_path / "a.pth")],
+         f"{export / 'params'}: is the params/ folder of the export directory {export}; "
+         f"give {export} itself"),
+        ([str(export), str(tmp_path)], f"--output {tmp_path}: is a folder; --to-torch writes "
+                                       f"a .pth file (e.g. {tmp_path / 'model.pth'})"),
+    ]
+    pth = tmp_path / "release.pth"
+    save_pth(pth, {"w": np.zeros(2, np.float32)})
+    cases.append(([str(pth), str(tmp_path / "b.pth")], f"{pth}: is a file; --to-torch reads a "
+                                                       "Flax checkpoint"))
+    existing = tmp_path / "old.pth"
+    existing.write_bytes(b"old")
+    cases.append(([str(export), str(existing)], f"--output {existing}: exists; pass "
+                                                "--overwrite"))
+    (tmp_path / "afile").write_text("")
+    cases.append(([str(export), str(tmp_path / "afile" / "x.pth")],
+                  f"--output {tmp_path / 'afile' / 'x.pth'}: cannot write in "))
+    for (checkpoint, output), start in cases:
+        assert convert.main(["--to-torch", "--checkpoint", checkpoint, "--output", output]) == 1
+        _one_error(capsys, start)
+    assert existing.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "old.pth", "release.pth"]
+
+
+def test_to_flax_refusals(small_sd, tmp_path, capsys, no_reading):
+    pth = tmp_path / "a.pth"
+    save_pth(pth, small_sd)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep").write_text("")
+    cases = [
+        (tmp_path / "missing.pth", tmp_path / "o", f"{tmp_path / 'missing.pth'}: no such file"),
+        (pth, a_file, f"--output {a_file}: is a file; the Flax export is a folder"),
+        (pth, full, f"--output {full}: exists and is not empty; pass --overwrite"),
+        (pth, a_file / "o", f"--output {a_file / 'o'}: cannot write in {a_file} "),
+    ]
+    for source, output, start in cases:
+        assert convert.main(["--torch-checkpoint", str(source), "--output", str(output)]) == 1
+        _one_error(capsys, start)
+    assert convert.main(["--torch-checkpoint", str(pth), "--output", str(a_file),
+                         "--overwrite"]) == 1  # a file is not replaced by a folder
+    _one_error(capsys, f"--output {a_file}: is a file")
+    assert a_file.read_text() == "x" and (full / "keep").exists()
+
+
+def _read_only(folder, monkeypatch, err):
+    """Makes `folder` read-only; as root, where chmod does not stop writes, makes creating a
+    file there fail with `err` instead."""
+    import errno
+    import os
+    import tempfile
+
+    folder.chmod(0o555)
+    probe = folder / ".probe"
+    try:
+        probe.write_text("")
+    except PermissionError:
+        return
+    probe.unlink()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(folder):
+            raise OSError(err, os.strerror(err))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert err in (errno.EACCES, errno.EROFS)
+
+
+@pytest.mark.parametrize("direction", ["to-flax", "to-torch"])
+@pytest.mark.parametrize("errno_name", ["EACCES", "EROFS"])
+def test_a_read_only_output_folder(direction, errno_name, small_sd, tiny, tmp_path,
+                                   monkeypatch, capsys, no_reading):
+    import errno
+    import os
+
+    code = getattr(errno, errno_name)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    pth = tmp_path / "a.pth"
+    save_pth(pth, small_sd)
+    if direction == "to-flax":
+        argv = ["--torch-checkpoint", str(pth), "--output", str(folder / "export")]
+        out = folder / "export"
+    else:
+        argv = ["--to-torch", "--checkpoint", str(tiny[2]), "--output", str(folder / "m.pth")]
+        out = folder / "m.pth"
+    _read_only(folder, monkeypatch, code)
+    try:
+        assert convert.main(argv) == 1
+        err = _one_error(capsys, f"--output {out}: cannot write in {folder} (")
+        if os.geteuid() == 0:
+            assert os.strerror(code) in err
+    finally:
+        folder.chmod(0o755)
+    assert not list(folder.iterdir())
+
+
+@pytest.mark.parametrize("direction", ["to-flax", "to-torch"])
+def test_a_write_failing_midway_is_reported_and_cleaned_up(direction, small_sd, tiny, tmp_path,
+                                                            monkeypatch, capsys):
+    """The disk fills (or the file system turns read-only) after the checks: the real error
+    is the one reported, and no temporary file is left."""
+    import errno
+    import os
+
+    from drsformer_jax.checkpoints import export, torch_format
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    if direction == "to-flax":
+        pth = tmp_path / "a.pth"
+        save_pth(pth, small_sd)
+        monkeypatch.setattr(export.ocp, "StandardCheckpointer", fail)
+        argv = ["--torch-checkpoint", str(pth), "--output", str(folder / "export")]
+        out = folder / "export"
+    else:
+        monkeypatch.setattr(torch_format, "_write_aligned", fail)
+        argv = ["--to-torch", "--checkpoint", str(tiny[2]), "--output", str(folder / "m.pth")]
+        out = folder / "m.pth"
+    assert convert.main(argv) == 1
+    _one_error(capsys, f"--output {out}: cannot write (No space left on device)")
+    assert not list(folder.iterdir())

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from drsformer_jax.checkpoints.export import CheckpointError, save_export
+from drsformer_jax.checkpoints.export import CheckpointError
 from drsformer_jax.checkpoints.names import (
     flax_to_torch,
     to_flax_array,
@@ -43,7 +43,11 @@ def infer_config(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     def get(name: str) -> np.ndarray:
         if name not in state_dict:
             raise ConversionError(f"cannot infer the architecture: tensor {name} is missing")
-        return state_dict[name]
+        value = state_dict[name]
+        if value.ndim == 0 or value.shape[0] == 0:
+            raise ConversionError(f"cannot infer the architecture: tensor {name} has shape "
+                                  f"{tuple(value.shape)}")
+        return value
 
     embed = get("patch_embed.proj.weight")
     if embed.ndim != 4:
@@ -100,18 +104,34 @@ def _infer_ffn_factor(hidden: dict[int, int]) -> float:
 
 # --- conversion ------------------------------------------------------------------------
 
-def unwrap_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
-    """`{'params': sd}` or a bare `sd` -> sd, with clear errors for anything else."""
+MODULE_PREFIX = "module."  # what DataParallel / DistributedDataParallel put before every name
+
+
+def unwrap_state_dict(obj: Any, source: str,
+                      notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """`{'params': sd}` or a bare `sd` -> sd, with clear errors for anything else.
+
+    A state dict whose names all start with 'module.' (saved from a DataParallel or
+    DistributedDataParallel wrapper) is read without the prefix; `notes` gets a line saying so.
+    """
     if isinstance(obj, Mapping) and "params" in obj and isinstance(obj["params"], Mapping):
         obj = obj["params"]
     if not isinstance(obj, Mapping) or not obj:
         raise ConversionError(f"{source}: not a DRSformer checkpoint (expected "
                               f"{{'params': state_dict}} or a state_dict)")
-    bad = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
+    keys = [k if isinstance(k, str) else repr(k) for k in obj]
+    bad = [k for k, v in zip(keys, obj.values(), strict=True) if not isinstance(v, np.ndarray)]
     if bad:
-        keys = ", ".join(map(str, list(obj)[:8]))
         raise ConversionError(f"{source}: not a DRSformer state dict: {len(bad)} entries are "
-                              f"not tensors (keys: {keys}{', ...' if len(obj) > 8 else ''})")
+                              f"not tensors ({first_names(bad)}; keys: {first_names(keys)})")
+    if not all(isinstance(k, str) for k in obj):
+        raise ConversionError(f"{source}: not a DRSformer state dict: tensor names that are "
+                              f"not strings ({first_names(keys)})")
+    if all(k.startswith(MODULE_PREFIX) for k in obj):
+        obj = {k[len(MODULE_PREFIX):]: v for k, v in obj.items()}
+        if notes is not None:
+            notes.append(f"{source}: every tensor name starts with '{MODULE_PREFIX}' (saved "
+                         "from DataParallel / DistributedDataParallel); read without it")
     return dict(obj)
 
 
@@ -128,8 +148,22 @@ def state_dict_to_flax(state_dict: Mapping[str, np.ndarray],
                        config: dict[str, Any] | None = None,
                        source: str = "checkpoint") -> tuple[dict[str, Any], dict[str, Any]]:
     """Release state dict -> (model config, Flax params), or ConversionError listing problems."""
-    config = config or infer_config(state_dict)
-    expected = _expected_params(config)
+    if not any(torch_to_flax(name) for name in state_dict):
+        raise ConversionError(f"{source}: no DRSformer tensors; first names: "
+                              f"{first_names(list(state_dict))}")
+    if config is None:
+        try:
+            config = infer_config(state_dict)
+        except ConversionError as e:
+            prefixed = sum(name.startswith(MODULE_PREFIX) for name in state_dict)
+            hint = (f" ({prefixed} of the {len(state_dict)} names start with "
+                    f"'{MODULE_PREFIX}', the others do not)" if prefixed else "")
+            raise ConversionError(f"{source}: {e}{hint}") from None
+    try:
+        expected = _expected_params(config)
+    except Exception as e:  # a config no DRSformer can have (zero heads, ...)
+        raise ConversionError(f"{source}: no DRSformer has this architecture "
+                              f"({describe(config)}): {e}") from e
     params, unexpected, misshaped = {}, [], []
     for name, value in state_dict.items():
         path = torch_to_flax(name)
@@ -168,25 +202,22 @@ def describe(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in config.items())
 
 
-def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model config, Flax params) of a release `.pth`, with every check of `convert`."""
-    return state_dict_to_flax(unwrap_state_dict(load_pth(path), str(path)), source=str(path))
+def read_torch_checkpoint(path: str | os.PathLike,
+                          notes: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config, Flax params) of a release `.pth`, every tensor checked against the model.
 
-
-def convert_torch_checkpoint(torch_checkpoint: str | Path, output: str | Path,
-                             overwrite: bool = False) -> dict[str, Any]:
-    """Release `.pth` -> export directory. Returns the model config."""
-    source = str(torch_checkpoint)
-    config, params = read_torch_checkpoint(torch_checkpoint)
-    save_export(output, config, params, overwrite=overwrite,
-                metadata={"converted_from": Path(source).name})
-    return config
+    Non-finite weights are refused by `loading.load_params`, which every reader goes through.
+    """
+    sd = unwrap_state_dict(load_pth(path), str(path), notes)
+    return state_dict_to_flax(sd, source=str(path))
 
 
 def write_torch_checkpoint(params: Mapping[str, Any], output: str | os.PathLike,
                            overwrite: bool = False) -> int:
     """Flax params -> a release-format `.pth` (`{'params': state_dict}`). Returns the count."""
     output = Path(output)
+    if output.is_dir():
+        raise ConversionError(f"{output}: is a folder; the .pth is a file")
     if output.exists() and not overwrite:
         raise ConversionError(f"{output} exists; pass --overwrite to replace it")
     sd = flax_to_state_dict(params)

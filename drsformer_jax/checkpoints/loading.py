@@ -6,30 +6,78 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from drsformer_jax.checkpoints import training
 from drsformer_jax.checkpoints.conversion import read_torch_checkpoint
 from drsformer_jax.checkpoints.export import (
+    PARAMS_DIR,
     CheckpointError,
     is_export_dir,
     read_model_config,
     restore_params,
 )
+from drsformer_jax.checkpoints.names import flax_to_torch, torch_sort_key
 from drsformer_jax.model.drsformer import DRSformer, abstract_params, from_config
+from drsformer_jax.utils.files import first_names
 
 
-def load_params(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
-    """(model config, params) of a checkpoint of any kind (see `load`)."""
+def check_path(path: str | os.PathLike) -> Path:
+    """The cheap checks of a checkpoint path, before anything is read (CheckpointError)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory or file")
+    if path.name == PARAMS_DIR and path.is_dir() and is_export_dir(path.parent):
+        raise CheckpointError(f"{path}: is the {PARAMS_DIR}/ folder of the export directory "
+                              f"{path.parent}; give {path.parent} itself")
+    return path
+
+
+def load_params(path: str | os.PathLike, *,
+                notes: list[str] | None = None) -> tuple[dict[str, Any], Any]:
+    """(model config, params) of a checkpoint of any kind (see `load`).
+
+    Every kind is refused (CheckpointError) when a weight is NaN or infinite. `notes`
+    gets a line for what was accepted with a fix (a 'module.' prefix stripped).
+    """
+    path = check_path(path)
     if path.is_file():
-        return read_torch_checkpoint(path)
-    if is_export_dir(path):
-        return read_model_config(path), restore_params(path / "params")
-    return training.load_params(path)
+        config, params = read_torch_checkpoint(path, notes)
+    elif is_export_dir(path):
+        config, params = read_model_config(path), restore_params(path / PARAMS_DIR)
+    else:
+        config, params = training.load_params(path)
+    check_finite(params, str(path), release_names=path.is_file())
+    return config, params
+
+
+def check_finite(params: Any, source: str, release_names: bool = False) -> None:
+    """CheckpointError naming the parameters that hold a NaN or an infinity.
+
+    Names are Flax paths ('output/kernel'), or the release's tensor names
+    ('output.weight') when `release_names`.
+    """
+    flat = traverse_util.flatten_dict(dict(params))
+    finite = {}
+    for key, value in flat.items():
+        if not jnp.issubdtype(value.dtype, jnp.inexact):
+            continue
+        xp = jnp if isinstance(value, jax.Array) else np
+        finite[key] = xp.isfinite(value).all()
+    finite = jax.device_get(finite)  # one transfer for all the device-side checks
+    bad = [key for key, ok in finite.items() if not bool(ok)]
+    if not bad:
+        return
+    if release_names:
+        names = sorted((flax_to_torch(k) or "/".join(k) for k in bad), key=torch_sort_key)
+    else:
+        names = sorted("/".join(k) for k in bad)
+    n = len(names)
+    raise CheckpointError(f"{source}: {n} tensor{' is' if n == 1 else 's are'} not finite "
+                          f"(NaN or inf): {first_names(names)}")
 
 
 def load(path: str | os.PathLike, *, dtype: Any = jnp.float32,
@@ -39,8 +87,9 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     `path` is an export directory (from `convert`), a training checkpoint step
     directory, a training workdir (its best checkpoint by PSNR, else the
     latest), or a release `.pth` file (converted in memory, with `convert`'s
-    checks). `runtime`: remat, conv_impl, layout (see `DRSformer`). `x` is
-    float32 NHWC in [0, 1] with H, W multiples of 8.
+    checks). Weights that are NaN or infinite are refused. `runtime`: remat,
+    conv_impl, layout (see `DRSformer`). `x` is float32 NHWC in [0, 1] with H, W
+    multiples of 8.
     """
     config, params = load_params(path)
     model = from_config(config, dtype=dtype, **runtime)
