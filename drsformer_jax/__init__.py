@@ -12,15 +12,16 @@ Subpackages, by concern:
   inference/    padding and tiles, memory planning, the compilation cache, the Restorer
   utils/        the one image reader / writer, file helpers
 The command-line tools are the top-level modules (`python -m drsformer_jax.<tool>`):
-derain, score, convert, benchmark, rain_datasets.
+derain, score, convert, export, benchmark, rain_datasets (and parity).
 
 The TensorFlow boundary: `model`, `checkpoints`, `inference`, `evaluation` and
 the train step import without TensorFlow. TensorFlow is imported in one place,
 `utils.lazy_tf.import_tf()`, called only when the tf.data pipeline
 (`data.pipeline`), a TFDS source (`data.sources.TfdsPairs`, which imports
-`data.tfds_builders` inside its constructor) or TensorBoard logging
-(`train.metric_writer`) is used. Those, and PyTorch in `benchmark
---compare-torch`, are the only function-level imports in the package.
+`data.tfds_builders` inside its constructor), TensorBoard logging
+(`train.metric_writer`) or the SavedModel export (`inference.serving`, which
+imports jax2tf inside `export_saved_model`) is used. Those, and PyTorch in
+`benchmark --compare-torch` and `parity`, are the only function-level imports.
 
 Submodules are imported lazily here so that `import drsformer_jax` stays cheap.
 """
@@ -35,9 +36,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "DRSformer": ("drsformer_jax.model.drsformer", "DRSformer"),
     "load": ("drsformer_jax.checkpoints.loading", "load"),
+    "load_exported": ("drsformer_jax.exported", "load_exported"),
 }
 
-__all__ = ["DRSformer", "load", "__version__"]
+__all__ = ["DRSformer", "load", "load_exported", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
