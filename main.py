@@ -54,7 +54,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    logging.set_verbosity(logging.ERROR)  # orbax logs saves and read-only notes
     if FLAGS.mode == "evaluate":
         try:
             evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.output)
@@ -74,5 +74,18 @@ def main(argv):
         raise SystemExit(f"error: {e}") from None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one error line for a config override that cannot apply."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {e}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # from config_flags
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        raise SystemExit(f"error: cannot apply {' '.join(bad) or 'the --config flags'}: "
+                         f"{str(e).strip(chr(34) + chr(39))} (no such config field, or a "
+                         "value of the wrong type)") from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -28,6 +28,11 @@ def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
     config.conv_impl = "auto"  # depthwise/grouped conv formulation: auto, xla, shift
     config.layout = "auto"  # activations inside the model: auto (NCHW on CPU), NHWC, NCHW
 
+    # Where the parameters start: "" = PyTorch's default init (seed below); or an export
+    # directory, a training workdir (its best checkpoint), a step directory or a release
+    # .pth to fine-tune from (fresh optimizer, step 0). A workdir with checkpoints resumes.
+    config.init_from = ""
+
     # Optimisation: L1 loss, AdamW, constant 92k then cosine to 1e-6 over 208k.
     config.seed = 100  # the release's manual_seed
     config.num_train_steps = 300_000

@@ -29,7 +29,7 @@ from drsformer_jax.checkpoints.conversion import describe, write_torch_checkpoin
 from drsformer_jax.checkpoints.export import CheckpointError, save_export
 from drsformer_jax.checkpoints.loading import check_path, load_params
 from drsformer_jax.checkpoints.torch_format import TorchCheckpointError
-from drsformer_jax.utils.files import ensure_writable_dir
+from drsformer_jax.utils.files import ensure_writable_dir, quiet_library_logs
 
 
 class _RefusedError(Exception):
@@ -50,6 +50,7 @@ def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
                         help="output directory (to Flax) or .pth file (--to-torch)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(None if argv is None else list(argv))
+    quiet_library_logs()
     if args.to_torch:
         if args.torch_checkpoint:
             parser.error("--torch-checkpoint does not apply with --to-torch, which reads a "

@@ -28,7 +28,7 @@ from pathlib import Path
 from drsformer_jax import inference
 from drsformer_jax.inference import make_restorer, restore_jobs
 from drsformer_jax.inference.photos import folder_jobs, list_inputs
-from drsformer_jax.utils.files import IMAGE_EXTENSIONS, ensure_writable_dir
+from drsformer_jax.utils.files import IMAGE_EXTENSIONS, ensure_writable_dir, quiet_library_logs
 
 
 def _positive_multiple_of_8(text: str) -> int:
@@ -122,6 +122,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                         help="allow --output to be the input folder (inputs are never replaced)")
     _add_restore_flags(parser)
     args = parser.parse_args(None if argv is None else list(argv))
+    quiet_library_logs()
     start, done = time.perf_counter(), 0
     try:
         inputs, out_dir = _inputs_and_output(args)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from drsformer_jax.checkpoints.loading import load
 from drsformer_jax.inference import serving
+from drsformer_jax.utils.files import quiet_library_logs
 
 README = """DRSformer exported by drsformer-jax ({model})
 
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="StableHLO only (no TensorFlow needed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
+    quiet_library_logs()
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
     if not platforms or set(platforms) - set(serving.PLATFORMS):
         parser.error(f"--platforms must be a subset of {','.join(serving.PLATFORMS)}")

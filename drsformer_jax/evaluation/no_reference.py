@@ -302,7 +302,7 @@ def niqe(image: np.ndarray) -> float:
     h, w = rgb.shape[:2]
     bs = NIQE_BLOCK_SIZE
     if h < bs or w < bs:
-        raise ValueError(f"NIQE: the image must be at least {bs}x{bs} pixels (HxW), got {h}x{w}")
+        raise ValueError(f"NIQE: the image must be at least {bs}x{bs} pixels, got {w}x{h} (WxH)")
     nh, nw = h // bs, w // bs
     img = _luma(rgb)[: nh * bs, : nw * bs].astype(_F64)
 
@@ -400,7 +400,7 @@ def brisque(image: np.ndarray) -> float:
     h, w = rgb.shape[:2]
     m = BRISQUE_MIN_SIZE
     if h < m or w < m:
-        raise ValueError(f"BRISQUE: the image must be at least {m}x{m} pixels (HxW), got {h}x{w}")
+        raise ValueError(f"BRISQUE: the image must be at least {m}x{m} pixels, got {w}x{h} (WxH)")
     luma = _luma(rgb)
     feats = [_brisque_scale_features(luma), _brisque_scale_features(_imresize_half(luma))]
     f = np.concatenate(feats).astype(_F64)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from drsformer_jax.inference.jobs import Job
-from drsformer_jax.utils.files import list_images
+from drsformer_jax.utils.files import IMAGE_EXTENSIONS, is_image_file, list_images
 from drsformer_jax.utils.images import (
     ImageReadError,
     from_float,
@@ -26,6 +26,9 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
     """The image files at `path`: one file, or a folder's images (`files.list_images`)."""
     path = Path(path)
     if path.is_file():
+        if not is_image_file(path):  # the same types as in a folder, e.g. no GIF
+            raise FileNotFoundError(f"{path}: not one of the image types derain reads "
+                                    f"({', '.join(IMAGE_EXTENSIONS)})")
         return [path]
     if path.is_dir():
         return list_images(path)

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from drsformer_jax.checkpoints import training as checkpoints
+from drsformer_jax.checkpoints.loading import load_params
 from drsformer_jax.data import pipeline
 from drsformer_jax.evaluation.evaluator import evaluate_during_training
 from drsformer_jax.inference import Restorer
@@ -31,12 +33,15 @@ from drsformer_jax.train.metric_writer import MetricWriter
 from drsformer_jax.train.trainer import (
     TrainingError,
     TrainState,
+    architecture_mismatch,
     create_learning_rate_fn,
     create_model,
     create_optimizer,
     create_train_state,
     make_train_step,
+    validate_config,
 )
+from drsformer_jax.utils.files import FolderInUseError, FolderLock, ensure_writable_dir
 from drsformer_jax.utils.images import write_image
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM
@@ -122,14 +127,26 @@ class _Training:
         self.global_batch = int(config.global_batch_size)
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
         self.window, self.last_eval = _Window(), {}
-        self._setup()
+        self.lock: FolderLock | None = None
+        self.started_from = ""
 
     def _setup(self) -> None:
         config = self.config
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        pipeline.check_dataset(config)
+        validate_config(config)
         self.model = create_model(config)
         self.arch = model_config(self.model)
+        try:
+            ensure_writable_dir(self.workdir)
+        except OSError as e:
+            raise TrainingError(f"--workdir {self.workdir}: cannot write there "
+                                f"({e.strerror or e})") from None
+        if jax.process_index() == 0 and "://" not in str(self.workdir):
+            try:  # one training per workdir (a crashed one releases it)
+                self.lock = FolderLock(self.workdir).acquire()
+            except FolderInUseError as e:
+                raise TrainingError(f"{e}; wait for it to finish or choose another "
+                                    "--workdir") from None
+        pipeline.check_dataset(config)
         self.tx = create_optimizer(config)
         self.learning_rate_fn = create_learning_rate_fn(config)
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -144,21 +161,55 @@ class _Training:
         sharding = self.step_fn.state_sharding
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-        latest = self.manager.latest_step()
-        if latest is None:
-            state = jax.device_put(create_train_state(self.config, self.model, self.tx),
-                                   sharding)
+        self._check_architecture()
+        restored = checkpoints.restore_latest_intact(self.manager, abstract)
+        if restored is None:
+            state = jax.device_put(self._initial_state(), sharding)
             self.writer.truncate_after(0)  # lines of an earlier run that saved nothing
             if jax.process_index() == 0:
-                (self.workdir / "config.json").write_text(
-                    self.config.to_json_best_effort(indent=2))
+                info = json.loads(self.config.to_json_best_effort())
+                info["started_from"] = self.started_from
+                (self.workdir / "config.json").write_text(json.dumps(info, indent=2) + "\n")
             return state
-        state, trainer = checkpoints.restore(self.manager, latest, abstract)
+        if self.config.get("init_from"):
+            _print(f"note: {self.workdir} has checkpoints: resuming from them; "
+                   f"init_from={self.config.init_from} was not used")
+        latest, state, trainer = restored
         self.window = _Window(trainer.get("window"))
         self.last_eval = trainer.get("last_eval") or {}
         self.writer.truncate_after(latest)
         _print(f"resumed from {self.workdir / checkpoints.CHECKPOINT_DIR / str(latest)}")
         return state
+
+    def _check_architecture(self) -> None:
+        """A workdir's checkpoints must be of this config's model (before orbax tries)."""
+        latest = self.manager.latest_step()
+        if latest is None:
+            return
+        recorded = checkpoints.read_model_config(
+            Path(self.manager.directory) / str(latest))
+        mismatch = architecture_mismatch(recorded, self.model)
+        if mismatch:
+            raise TrainingError(f"{self.workdir} was trained with {mismatch}, or use another "
+                                "--workdir")
+
+    def _initial_state(self) -> TrainState:
+        """Fresh parameters, or those of `config.init_from` (fine-tuning), at step 0."""
+        source = str(self.config.get("init_from", "") or "")
+        if not source:
+            self.started_from = f"random initialisation (seed {int(self.config.seed)})"
+            return create_train_state(self.config, self.model, self.tx)
+        try:
+            recorded, params = load_params(source)
+        except ValueError as e:  # CheckpointError, ConversionError
+            raise TrainingError(f"init_from: {e}") from None
+        mismatch = architecture_mismatch(recorded, self.model)
+        if mismatch:
+            raise TrainingError(f"init_from={source} has {mismatch}")
+        self.started_from = str(Path(source).absolute())
+        _print(f"starting from the parameters of {source}")
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.tx.init(params))
 
     def _drain(self) -> None:
         """Moves the per-step scalars to the host window; stops on a non-finite loss."""
@@ -245,6 +296,8 @@ class _Training:
         if step >= self.num_steps:
             _print(f"nothing to do: the workdir is at step {step} >= num_train_steps")
             return self.last_eval
+        if step == 0 and self.config.get("init_from"):
+            self._evaluate(0, state)  # the starting point: the source model's own score
         batches = pipeline.create_train_iterator(
             self.config, start_step=step, process_index=jax.process_index(),
             process_count=jax.process_count())
@@ -273,15 +326,19 @@ class _Training:
     def shutdown(self) -> None:
         # On every way out (errors included) a pending async save completes and no
         # orbax thread outlives the interpreter.
-        self.manager.wait_until_finished()
-        self.manager.close()
-        self.writer.close()
+        if hasattr(self, "manager"):
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
     training = _Training(config, workdir)
     try:
+        training._setup()
         return training.run()
     finally:
         training.shutdown()

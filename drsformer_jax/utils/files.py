@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from absl import logging as absl_logging
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NAMES_SHOWN = 5  # names shown before "and N more"
@@ -88,3 +93,45 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_json_atomic(path: str | os.PathLike, doc: Any, indent: int = 1) -> None:
     """Writes `doc` as JSON so that `path` is complete or absent."""
     write_bytes_atomic(path, (json.dumps(doc, indent=indent) + "\n").encode())
+
+
+class FolderInUseError(RuntimeError):
+    """Another live process holds the folder's lock; the message names it."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder (`<folder>/.lock`, flock), released when the
+    holder exits, also when it crashes or is killed, so it is never left stuck.
+    The file records who holds it, for the message of the next one to try."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / ".lock"
+        self._file: Any = None
+
+    def acquire(self) -> FolderLock:
+        f = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise FolderInUseError(f"{self.path.parent} is in use by {holder}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+
+def quiet_library_logs() -> None:
+    """Only errors from absl-logging libraries (orbax's notes on read-only managers and
+    the like): the command-line tools say what matters themselves."""
+    absl_logging.set_verbosity(absl_logging.ERROR)
