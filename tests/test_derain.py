@@ -256,6 +256,16 @@ class FragileModel(FakeModel):
         return super().apply(variables, x)
 
 
+def test_tiled_images_show_per_tile_progress(capsys):
+    restorer = inference.Restorer(FakeModel(), VARIABLES, tile=16, memory_limit=NO_LIMIT)
+    img = RNG.random((40, 40, 3), dtype=np.float32)
+    job = inference.Job("big.png", (40, 40), lambda: (img, None), lambda out, _: None)
+    assert inference.restore_jobs(restorer, [job]) == (1, [])
+    err = capsys.readouterr().err
+    # Overlap 32 >= tile 16: stride 8, origins 0, 8, 16, 24 on each side: 16 tiles.
+    assert "tile 1/16" in err and "tile 16/16" in err
+
+
 def test_out_of_memory_retries_smaller(capsys):
     model = FragileModel()
     restorer = inference.Restorer(model, VARIABLES, batch_size=2, memory_limit=NO_LIMIT)

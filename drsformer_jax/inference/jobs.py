@@ -80,6 +80,11 @@ class _JobRunner:
         self.bar = tqdm(total=len(jobs), desc=desc, unit="img", file=sys.stderr,
                         dynamic_ncols=True, disable=not progress)
 
+    def show_tiles(self, done: int, total: int) -> None:
+        """Per-tile progress of a tiled image, in the bar's postfix (large images take long)."""
+        if total > 1:
+            self.bar.set_postfix_str(f"tile {done}/{total}", refresh=True)
+
     def say(self, line: str) -> None:
         self.bar.write(line, file=sys.stderr)
 
@@ -145,7 +150,8 @@ class _JobRunner:
         while True:
             try:
                 restored = self.restorer.restore([rgb for _, rgb, _ in items], plan,
-                                                 group_size=self.counts[key])
+                                                 group_size=self.counts[key],
+                                                 on_tiles=self.show_tiles)
                 if plan.key != key:
                     self.downgraded[key] = plan
                 return restored

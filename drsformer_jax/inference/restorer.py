@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +150,8 @@ class Restorer:
                     f"retrying with {t}x{t} tiles, overlap {self.tile_overlap}")
 
     def restore(self, images: Sequence[np.ndarray], plan: Plan,
-                group_size: int | None = None) -> list[np.ndarray]:
+                group_size: int | None = None,
+                on_tiles: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
         """Restores (H, W, 3) float images in [0, 1] planned with `plan`.
 
         `group_size`: how many images of this plan the caller has in all (default:
@@ -158,11 +159,12 @@ class Restorer:
         when the group fills a batch; a smaller group runs at the next power of two.
         So a plan compiles one program, or a few powers of two for small groups.
         Returns float32 images of the inputs' sizes, clamped to [0, 1].
+        `on_tiles(done, total)`: the tiles of each tiled image, as they are run.
         """
         if plan.tile is not None:
             # Tiles are always run plan.batch at a time: one program per tile size.
             run = functools.partial(self._run, batch=plan.batch)
-            return [restore_tiled(run, im, plan.tile, self.tile_overlap, plan.batch)
+            return [restore_tiled(run, im, plan.tile, self.tile_overlap, plan.batch, on_tiles)
                     for im in images]
         full = (group_size or len(images)) >= plan.batch
         out = []

@@ -75,14 +75,16 @@ def tile_positions(size: int, tile: int, overlap: int) -> list[int]:
 
 
 def restore_tiled(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, tile: int,
-                  overlap: int = DEFAULT_TILE_OVERLAP, batch: int = 1) -> np.ndarray:
+                  overlap: int = DEFAULT_TILE_OVERLAP, batch: int = 1,
+                  on_tiles: Callable[[int, int], None] | None = None) -> np.ndarray:
     """The release's tiled pass over one (H, W, 3) image; returns it restored and clamped.
 
     The image is reflect-padded to a multiple of 8; the tile is min(tile, H, W) of
     the padded size; tiles at `tile_positions` are run `batch` at a time through
     `forward` (unclamped, (n, t, t, 3) -> (n, t, t, 3)), their outputs summed in the
     release's order (rows outer, columns inner) and divided by the number of tiles
-    covering each pixel; then clamped and cropped.
+    covering each pixel; then clamped and cropped. `on_tiles(done, total)` is told
+    the progress after every call (a progress bar for large images).
     """
     if tile <= 0 or tile % SIZE_MULTIPLE:
         raise ValueError(f"tile size must be a positive multiple of {SIZE_MULTIPLE}, got {tile}")
@@ -101,4 +103,6 @@ def restore_tiled(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray
         for (i, j), patch in zip(chunk, out, strict=False):
             acc[i:i + tile, j:j + tile] += patch
             count[i:i + tile, j:j + tile] += 1.0
+        if on_tiles is not None:
+            on_tiles(start + len(chunk), len(origins))
     return np.clip(acc / count, 0.0, 1.0)[:h, :w]
