@@ -6,7 +6,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "drsformer_jax"
 # Function-level imports allowed: the documented boundary (package docstring).
 BOUNDARY = {("utils/lazy_tf.py", "tensorflow"), ("data/sources.py", "drsformer_jax.data"),
-            ("benchmark.py", "torch"), ("inference/serving.py", "jax.experimental")}
+            ("benchmark.py", "torch"), ("parity.py", "torch"),
+            ("inference/serving.py", "jax.experimental")}
 
 
 def _modules() -> dict[str, ast.Module]:

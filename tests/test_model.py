@@ -251,3 +251,81 @@ def test_remat_keeps_outputs_and_gradients(tiny, layout):
     assert len(flat0) == len(flat1) > 50
     for path, g in flat0:
         np.testing.assert_allclose(flat1[path], g, rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def _jaxpr_dtypes(jaxpr) -> dict[str, set]:
+    """Primitive name -> dtypes of its floating outputs, over a jaxpr and its sub-jaxprs."""
+    found: dict[str, set] = {}
+
+    def walk(j):
+        for eqn in j.eqns:
+            for v in eqn.outvars:
+                dt = getattr(v.aval, "dtype", None)
+                if dt is not None and jnp.issubdtype(dt, jnp.floating):
+                    found.setdefault(eqn.primitive.name, set()).add(jnp.dtype(dt))
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+@pytest.fixture
+def x64():
+    previous = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.mark.parametrize("use_mefc", [True, False])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_float64_computes_every_op_in_float64(tiny, x64, use_mefc, layout):
+    model, variables = tiny  # float32 parameters: cast once, then float64 throughout
+    model = model.clone(dtype=jnp.float64, use_mefc=use_mefc, layout=layout)
+    if not use_mefc:
+        variables = {"params": {k: v for k, v in variables["params"].items()
+                                if k not in ("encoder_level0", "refinement")}}
+    x = jnp.asarray(np.random.default_rng(11).uniform(size=(1, 16, 16, 3)), jnp.float64)
+    dtypes = _jaxpr_dtypes(jax.make_jaxpr(model.apply)(variables, x))
+    lower = {name: d for name, d in dtypes.items() if d - {jnp.dtype(jnp.float64)}}
+    # Even the casts of the float32 parameters output float64: nothing runs below it.
+    assert not lower
+    for prim in ("exp", "rsqrt", "dot_general"):
+        assert dtypes[prim] == {jnp.dtype(jnp.float64)}
+    y = jax.jit(model.apply)(variables, x)
+    assert y.dtype == jnp.float64
+    y32 = jax.jit(model.clone(dtype=jnp.float32).apply)(variables, x.astype(jnp.float32))
+    assert float(jnp.abs(y - y32).max()) < 1e-4
+
+
+def test_float32_stays_float32_with_x64_on(tiny, x64):
+    model, variables = tiny
+    x = jnp.asarray(np.random.default_rng(12).uniform(size=(1, 16, 16, 3)), jnp.float32)
+    dtypes = _jaxpr_dtypes(jax.make_jaxpr(model.apply)(variables, x))
+    assert set().union(*dtypes.values()) == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_keeps_norms_softmax_and_router_in_float32(tiny):
+    model, variables = tiny
+    x = jnp.asarray(np.random.default_rng(13).uniform(size=(1, 16, 16, 3)), jnp.float32)
+    dtypes = _jaxpr_dtypes(jax.make_jaxpr(model.clone(dtype=jnp.bfloat16).apply)(variables, x))
+    f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+    assert dtypes["exp"] == {f32}  # softmax of attention and of the MEFC router
+    assert dtypes["rsqrt"] == {f32}  # LayerNorm and q/k L2 normalisation
+    assert bf16 in dtypes["conv_general_dilated"] | dtypes["dot_general"]
+
+
+def test_l2_normalize_is_torch_normalize():
+    from drsformer_jax.model.attention import l2_normalize
+
+    x = np.random.default_rng(14).normal(size=(3, 5, 7))
+    x[1] = 0.0  # a zero row stays zero (norm clamped to eps 1e-12, as F.normalize does)
+    got = np.asarray(l2_normalize(jnp.asarray(x, jnp.float32), axis=-1))
+    want = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.all(got[1] == 0)

@@ -31,9 +31,11 @@ def topk_masks(scores: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
     c = scores.shape[-1]
     kmax = max(ks)
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(scores), kmax)
-    ranks = jnp.broadcast_to(jnp.arange(kmax, dtype=jnp.int32), idx.shape)
-    rank = jnp.put_along_axis(jnp.full(scores.shape, c, jnp.int32), idx, ranks, axis=-1,
-                              inplace=False)
+    # rank[j] = r where idx[r] == j, kmax where j is not in the top kmax: a one-hot
+    # reduction (c x kmax per row) rather than a scatter, so that it also traces with
+    # symbolic batch sizes (a shape-polymorphic export).
+    hit = idx[..., :, None] == jnp.arange(c, dtype=idx.dtype)
+    rank = jnp.where(jnp.any(hit, axis=-2), jnp.argmax(hit, axis=-2), kmax)
     return [rank < k for k in ks]
 
 

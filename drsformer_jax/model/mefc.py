@@ -66,9 +66,13 @@ def avg_pool_3x3(x: jax.Array, channels_first: bool = False) -> jax.Array:
         c[-1] -= 1
         return c
 
-    inv = 1.0 / np.outer(counts(h), counts(w))
-    inv = inv if channels_first else inv[:, :, None]
-    return box3(box3(x, hax), wax) * jnp.asarray(inv, x.dtype)
+    if isinstance(h, int) and isinstance(w, int):
+        inv = 1.0 / np.outer(counts(h), counts(w))
+        inv = jnp.asarray(inv if channels_first else inv[:, :, None], x.dtype)
+    else:  # symbolic sizes (a shape-polymorphic export): the counts are box sums of ones
+        ones = jnp.ones((1, h, w) if channels_first else (h, w, 1), x.dtype)
+        inv = 1.0 / box3(box3(ones, hax - 1), wax - 1)
+    return box3(box3(x, hax), wax) * inv
 
 
 class MEFC(Layer):
