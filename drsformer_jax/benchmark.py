@@ -4,8 +4,12 @@
     python -m drsformer_jax.benchmark --compare-torch --reference-repo PATH/TO/DRSformer \\
         --modes forward --json bench.json
 
-Every figure is taken after compilation (and, for PyTorch, after one warm-up
-call) and is the median of `--steps` timed calls on the same input. Weights are
+Each program is compiled once, ahead of time (`jit(...).lower(...).compile()`,
+reported as `compile_s`, with the compiled program's `memory` from XLA's
+memory_analysis and the process's `peak_rss_bytes`); its first call is timed
+apart (`first_call_s`), then `--warmup` untimed calls, then `--steps` timed calls
+of the same compiled executable on the same input, of which `median_s` is the
+median (PyTorch: one warm-up call, then the same). Weights are
 random (PyTorch's default initialisation on both sides): the cost is the
 converted weights'. The train step is the whole update, L1 loss, gradient,
 global-norm clipping and AdamW: the step `train_and_evaluate` runs
@@ -13,7 +17,7 @@ global-norm clipping and AdamW: the step `train_and_evaluate` runs
 release's optimizer settings; the PyTorch train step is the release's
 (torch.optim.AdamW, clip_grad_norm_, L1 loss). `--compare-torch` imports the
 release's architecture file from `--reference-repo` (nothing of it is copied
-here) and runs it on the same inputs, on CPU, in the same process, and reports
+here) and runs it on the same inputs, on `--torch-device`, in the same process, and reports
 our time over PyTorch's. The result is printed as JSON and written to `--json`.
 
 This module never imports TensorFlow.
@@ -22,12 +26,15 @@ This module never imports TensorFlow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from runpy import run_path
@@ -35,12 +42,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
 from drsformer_jax import train
-from drsformer_jax.model.convolution import resolve_conv_impl, resolve_layout
+from drsformer_jax.model.convolution import (
+    CONV_IMPLS,
+    LAYOUTS,
+    resolve_conv_impl,
+    resolve_layout,
+)
 from drsformer_jax.model.drsformer import DTYPES, DRSformer, count_params, from_config, init_params
 
 MODES = ("forward", "train")
@@ -78,21 +89,76 @@ def _block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def bench_jax_forward(model: DRSformer, params: Any, rainy: np.ndarray,
-                      steps: int) -> dict[str, Any]:
-    fn = jax.jit(model.apply)
-    x = jnp.asarray(rainy)
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _memory(compiled: Any) -> dict[str, Any]:
+    """The compiled program's buffers (XLA's memory_analysis), in bytes, where it has one."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        mem = None
+    if mem is None:
+        return {}
+    fields = {"temp_bytes": "temp_size_in_bytes", "argument_bytes": "argument_size_in_bytes",
+              "output_bytes": "output_size_in_bytes", "alias_bytes": "alias_size_in_bytes"}
+    out = {k: int(getattr(mem, v, 0) or 0) for k, v in fields.items()}
+    out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"]
+    return out
+
+
+def _flops(compiled: Any) -> float | None:
+    """XLA's cost analysis of the compiled program: floating-point operations per call."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def _timed_program(compile_fn: Callable[[], Any], call: Callable[[Any], Any],
+                   steps: int, warmup: int) -> dict[str, Any]:
+    """Compiles once (timed), calls the compiled program once (timed: the first call),
+    `warmup` more times, then `steps` timed calls. Every call goes to the one compiled
+    executable, so nothing can recompile behind the timings (a changed argument type
+    would be an error, not a silent second compilation)."""
     start = time.perf_counter()
-    _block(fn({"params": params}, x))
+    compiled = compile_fn()
     compile_s = time.perf_counter() - start
-    result = time_calls(lambda: _block(fn({"params": params}, x)), steps)
-    return {"compile_and_first_call_s": compile_s, **result}
+    start = time.perf_counter()
+    call(compiled)
+    first_call_s = time.perf_counter() - start
+    for _ in range(warmup):
+        call(compiled)
+    result = time_calls(lambda: call(compiled), steps)
+    return {"compile_s": compile_s, "first_call_s": first_call_s,
+            "compile_and_first_call_s": compile_s + first_call_s, "warmup_calls": 1 + warmup,
+            **result, "memory": _memory(compiled), "flops_per_call": _flops(compiled),
+            "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def bench_jax_forward(model: DRSformer, params: Any, rainy: np.ndarray,
+                      steps: int, warmup: int = 1) -> dict[str, Any]:
+    variables = {"params": params}
+    x = jnp.asarray(rainy)
+    return _timed_program(lambda: jax.jit(model.apply).lower(variables, x).compile(),
+                          lambda fn: _block(fn(variables, x)), steps, warmup)
 
 
 def bench_jax_train(model: DRSformer, params: Any, rainy: np.ndarray, clean: np.ndarray,
-                    steps: int) -> dict[str, Any]:
-    """Times `train.make_train_step`'s step, as `train_and_evaluate` runs it, on every device."""
-    config = ml_collections.ConfigDict(dict(RELEASE_OPTIM, global_batch_size=rainy.shape[0]))
+                    steps: int, warmup: int = 1) -> dict[str, Any]:
+    """Times `train.make_train_step`'s step, as `train_and_evaluate` runs it, on every device.
+
+    The state is placed with the sharding the step gives its output state, so the one
+    program compiled (`lower(...).compile()`) takes its own output back, call after call.
+    """
+    config = types.SimpleNamespace(**RELEASE_OPTIM, global_batch_size=rainy.shape[0])
     tx = train.create_optimizer(config)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     step = train.make_train_step(config, model, tx, mesh)
@@ -102,16 +168,13 @@ def bench_jax_train(model: DRSformer, params: Any, rainy: np.ndarray, clean: np.
              "target": jax.device_put(clean, step.batch_sharding)}
     box = {"state": state}
 
-    def call() -> None:
-        box["state"], metrics = step.fn(box["state"], batch)
-        _block(metrics)
+    def call(fn: Any) -> None:
+        box["state"], metrics = fn(box["state"], batch)
+        _block((box["state"], metrics))
 
-    start = time.perf_counter()
-    call()
-    compile_s = time.perf_counter() - start
-    result = time_calls(call, steps)
-    return {"compile_and_first_call_s": compile_s, "devices": mesh.shape["data"],
-            "train_step": "drsformer_jax.train.make_train_step", **result}
+    result = _timed_program(lambda: step.fn.lower(state, batch).compile(), call, steps, warmup)
+    return {"devices": mesh.shape["data"], "train_step": "drsformer_jax.train.make_train_step",
+            **result}
 
 
 def load_release_model(reference_repo: Path, args: argparse.Namespace) -> Any:
@@ -127,21 +190,38 @@ def load_release_model(reference_repo: Path, args: argparse.Namespace) -> Any:
 
 def bench_torch(reference_repo: Path, args: argparse.Namespace, rainy: np.ndarray,
                 clean: np.ndarray) -> dict[str, Any]:
-    import torch
+    import torch  # not a dependency: only --compare-torch needs it
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    model = load_release_model(reference_repo, args)
-    x = torch.from_numpy(rainy).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(clean).permute(0, 3, 1, 2).contiguous()
-    out: dict[str, Any] = {"torch_version": torch.__version__,
+    device = torch.device(args.torch_device)
+    model = load_release_model(reference_repo, args).to(device)
+    x = torch.from_numpy(rainy).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(clean).permute(0, 3, 1, 2).contiguous().to(device)
+
+    def autocast() -> Any:
+        if not args.torch_autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    out: dict[str, Any] = {"torch_version": torch.__version__, "device": str(device),
                            "threads": torch.get_num_threads(),
+                           "dtype": "autocast_bfloat16" if args.torch_autocast_bf16 else "float32",
                            "params": sum(p.numel() for p in model.parameters())}
     if "forward" in args.modes:
         model.eval()
-        with torch.no_grad():
-            model(x)  # warm-up
-            out["forward"] = time_calls(lambda: model(x), args.steps)
+
+        def forward() -> None:
+            with torch.no_grad(), autocast():
+                model(x)
+            sync()
+
+        forward()  # warm-up
+        out["forward"] = time_calls(forward, args.steps)
     if "train" in args.modes:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=RELEASE_OPTIM["learning_rate"],
@@ -150,13 +230,17 @@ def bench_torch(reference_repo: Path, args: argparse.Namespace, rainy: np.ndarra
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.l1_loss(model(x), y)
+            with autocast():
+                loss = torch.nn.functional.l1_loss(model(x), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), RELEASE_OPTIM["grad_clip_norm"])
             opt.step()
+            sync()
 
         step()  # warm-up
         out["train"] = time_calls(step, args.steps)
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return out
 
 
@@ -171,18 +255,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default="forward,train",
                    help="comma-separated subset of: forward, train")
     p.add_argument("--remat", action="store_true", help="rematerialise blocks and MEFC")
-    p.add_argument("--layout", default="auto", help="auto, NHWC or NCHW (inside the model)")
-    p.add_argument("--conv-impl", default="auto", help="auto, xla or shift")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="activation layout inside the model")
+    p.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
+                   help="depthwise / grouped convolution formulation")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls after the first call, before the timed ones")
     p.add_argument("--no-mefc", dest="use_mefc", action="store_false",
                    help="the variant without MEFC (Rain200L / SPA-Data)")
     p.add_argument("--dim", type=int, default=48)
     p.add_argument("--num-blocks", type=int, nargs=4, default=[4, 6, 6, 8])
     p.add_argument("--heads", type=int, nargs=4, default=[1, 2, 4, 8])
     p.add_argument("--compare-torch", action="store_true",
-                   help="also time the release's PyTorch model (CPU) in this run")
+                   help="also time the release's PyTorch model in this run")
     p.add_argument("--reference-repo", type=Path, help="checkout of the DRSformer release")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch.set_num_threads (0: PyTorch's default)")
+    p.add_argument("--torch-device", default="cpu", help="the release's device (cpu, cuda)")
+    p.add_argument("--torch-autocast-bf16", action="store_true",
+                   help="run the release under torch.autocast(bfloat16)")
     p.add_argument("--json", type=Path, help="also write the result here")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
@@ -197,6 +288,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--height and --width must be multiples of 8")
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be at least 0")
     return args
 
 
@@ -211,24 +304,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "machine": platform.machine()},
         "jax_version": jax.__version__,
         "height": args.height, "width": args.width, "batch": args.batch, "dtype": args.dtype,
-        "steps": args.steps, "remat": args.remat,
+        "steps": args.steps, "warmup": args.warmup, "remat": args.remat,
         "layout": resolve_layout(args.layout), "conv_impl": resolve_conv_impl(args.conv_impl),
         "model": model.config(), "params": count_params(params),
         "command": "python -m drsformer_jax.benchmark " + " ".join(args.argv),
     }
     pixels = args.batch * args.height * args.width
     if "forward" in args.modes:
-        fwd = bench_jax_forward(model, params, rainy, args.steps)
+        fwd = bench_jax_forward(model, params, rainy, args.steps, args.warmup)
         fwd["images_per_s"] = args.batch / fwd["median_s"]
         fwd["megapixels_per_s"] = pixels / fwd["median_s"] / 1e6
         result["forward"] = fwd
     if "train" in args.modes:
-        tr = bench_jax_train(model, params, rainy, clean, args.steps)
+        tr = bench_jax_train(model, params, rainy, clean, args.steps, args.warmup)
         tr["images_per_s"] = args.batch / tr["median_s"]
         result["train"] = tr
     if args.compare_torch:
         ref = bench_torch(args.reference_repo, args, rainy, clean)
-        ref["dtype"] = "float32"
         result["torch"] = ref
         result["ratio_to_torch"] = {m: result[m]["median_s"] / ref[m]["median_s"]
                                     for m in args.modes if m in ref}

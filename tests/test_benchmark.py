@@ -27,6 +27,11 @@ def test_forward_and_train_step_json(tmp_path, capsys):
         assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
         assert min(r["times_s"]) <= r["median_s"] <= max(r["times_s"])
         assert r["images_per_s"] == pytest.approx(2 / r["median_s"])
+        assert r["compile_s"] > 0 and r["first_call_s"] > 0
+        assert r["compile_and_first_call_s"] == pytest.approx(r["compile_s"] + r["first_call_s"])
+        assert r["peak_rss_bytes"] > 0
+        if r["memory"]:
+            assert r["memory"]["total_bytes"] >= r["memory"]["argument_bytes"] > 0
     assert "train_step" in result["train"]
     assert "torch" not in result and "ratio_to_torch" not in result
     assert result["command"].endswith("--json " + str(out))
@@ -47,6 +52,12 @@ def test_bad_arguments_are_refused():
         benchmark.parse_args(["--height", "100"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--modes", "forward,backward"])
+    for bad in (["--layout", "foo"], ["--conv-impl", "bar"], ["--dtype", "float16x"],
+                ["--warmup", "-1"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(bad)
+    args = benchmark.parse_args(["--layout", "NCHW", "--conv-impl", "shift"])
+    assert (args.layout, args.conv_impl) == ("NCHW", "shift")
 
 
 def test_does_not_import_tensorflow():

@@ -319,8 +319,9 @@ def test_a_second_training_in_one_workdir_is_refused(tmp_path, data_root, env):
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=300)
-    assert first.returncode == 143  # the lock does not outlive its holder:
-    assert (tmp_path / ".lock").exists()
+    # SIGTERM during setup ends it at once (-15), during training with a save (143):
+    assert first.returncode in (143, -signal.SIGTERM)
+    assert (tmp_path / ".lock").exists()  # the lock does not outlive its holder:
     from drsformer_jax.utils.files import FolderLock
 
     FolderLock(tmp_path).acquire().release()

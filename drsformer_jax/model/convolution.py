@@ -193,7 +193,12 @@ def _shifted_depthwise_sum_fwd(xs, kernels, dilation, ph, pw, channels_first):
 def _shifted_depthwise_sum_bwd(dilation, ph, pw, channels_first, residuals, g):
     # Written out because autodiff of the pads and slices is 1.4x slower on CPU:
     # each input gradient is the same shifted sum with the flipped kernel, each
-    # kernel gradient one reduction per tap.
+    # kernel gradient a sum over (N, H, W) per tap. The per-tap sums are ONE variadic
+    # reduce (k*k accumulators, one pass over g): as k*k separate `jnp.sum`s, XLA:CPU's
+    # YNNPACK reduce fusion takes them and materialises every shifted tap of x as its
+    # own full-size buffer, all alive at once, which made the full model's gradient
+    # grow by gigabytes per block (> 23 GB at 2 x 64 x 64; 1.4 GB of buffers now).
+    # Only the inputs and kernels are saved for the backward (the residuals above).
     xs, kernels = residuals
     kh, kw = kernels[0].shape[:2]
     h, w = (g.shape[2], g.shape[3]) if channels_first else (g.shape[1], g.shape[2])
@@ -204,9 +209,14 @@ def _shifted_depthwise_sum_bwd(dilation, ph, pw, channels_first, residuals, g):
     dks = []
     for x, kernel in zip(xs, kernels, strict=True):
         xp = _pad(x, ph, pw, channels_first)
-        dk = jnp.stack([
-            jnp.sum(_tap(xp, i * dilation, j * dilation, h, w, channels_first) * g, axis=axes)
-            for i in range(kh) for j in range(kw)])
+        # Accumulated in at least float32, as jnp.sum does for 16-bit floats.
+        acc = jnp.promote_types(g.dtype, jnp.float32)
+        prods = tuple((_tap(xp, i * dilation, j * dilation, h, w, channels_first) * g
+                       ).astype(acc) for i in range(kh) for j in range(kw))
+        zero = jnp.zeros((), acc)
+        sums = lax.reduce(prods, (zero,) * len(prods),
+                          lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), axes)
+        dk = jnp.stack(sums)
         dks.append(dk.reshape(kernel.shape).astype(kernel.dtype))
     return dxs, tuple(dks)
 
