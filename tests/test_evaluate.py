@@ -214,3 +214,10 @@ def test_real_rain_set_scores_inputs_and_outputs_without_targets(env, tmp_path, 
         assert restored.shape == pixels.shape
         assert figures["niqe"] == no_reference.niqe(restored)
     assert set(doc["mean"]) == {"niqe", "brisque", "input_niqe", "input_brisque"}
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_work(env, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(evaluate.EvaluationError, match="--output .*taken: cannot write"):
+        evaluate.evaluate_checkpoint(env["config"], tmp_path, tmp_path / "no_such_ckpt",
+                                     tmp_path / "taken")

@@ -33,7 +33,7 @@ from drsformer_jax.evaluation.scores import (
 )
 from drsformer_jax.inference import Job, Restorer, make_restorer, restore_jobs
 from drsformer_jax.utils import images
-from drsformer_jax.utils.files import first_names
+from drsformer_jax.utils.files import ensure_writable_dir, first_names
 
 # The protocol behind each column of the paper's Table 1 (see metrics.py), and
 # Table 2's no-reference metrics for real rain (a set of rainy images only).
@@ -163,8 +163,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     source = Path(checkpoint) if checkpoint is not None else Path(workdir)
     print(f"evaluating {source} on the {dataset} test split ({count} images, {protocol} "
           f"protocol) -> {out_dir}", flush=True)
+    try:  # before any model work: a read-only or file --output fails here
+        ensure_writable_dir(out_dir)
+    except OSError as e:
+        raise EvaluationError(f"--output {out_dir}: cannot write there "
+                              f"({e.strerror or e})") from None
     restorer = make_restorer(source, conv_impl=str(config.get("conv_impl", "auto")))
-    out_dir.mkdir(parents=True, exist_ok=True)
     scores, failures = restore_pairs(restorer, pairs, range(count), protocol, out_dir=out_dir,
                                      desc=f"evaluate {dataset}")
     doc: dict[str, Any] = {"protocol": protocol, "mean": {}, "images": {}}
