@@ -183,11 +183,14 @@ class _Training:
 
     def _check_architecture(self) -> None:
         """A workdir's checkpoints must be of this config's model (before orbax tries)."""
-        latest = self.manager.latest_step()
-        if latest is None:
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:  # the newest readable record; a damaged one is left to the restore
+                recorded = checkpoints.read_model_config(Path(self.manager.directory) / str(step))
+                break
+            except ValueError:
+                continue
+        else:
             return
-        recorded = checkpoints.read_model_config(
-            Path(self.manager.directory) / str(latest))
         mismatch = architecture_mismatch(recorded, self.model)
         if mismatch:
             raise TrainingError(f"{self.workdir} was trained with {mismatch}, or use another "
