@@ -274,14 +274,6 @@ def _jaxpr_dtypes(jaxpr) -> dict[str, set]:
     return found
 
 
-@pytest.fixture
-def x64():
-    previous = bool(jax.config.jax_enable_x64)
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 @pytest.mark.parametrize("use_mefc", [True, False])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_float64_computes_every_op_in_float64(tiny, x64, use_mefc, layout):

@@ -44,15 +44,6 @@ def release_state_dict(fixture, variant):
     return random_state_dict(zip(names, shapes, strict=True), int(fixture["seed"]))
 
 
-@pytest.fixture
-def x64():
-    """JAX's x64 mode on for one test, then restored."""
-    previous = bool(jax.config.jax_enable_x64)
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def release_output64(fixture, variant):
     return (fixture[f"{variant}/output"].astype(np.float64)
             + fixture[f"{variant}/output64_minus_output"].astype(np.float64))
