@@ -135,6 +135,43 @@ def test_depthwise_conv_formulations_agree_with_reference(impl, k, dilation):
         np.testing.assert_allclose(y[..., c], ref[..., 0], atol=1e-4)
 
 
+@pytest.mark.parametrize("k,dilation,members,height,width", [
+    (3, 1, 1, 9, 11), (5, 1, 2, 6, 7), (7, 2, 1, 9, 8), (5, 1, 1, 3, 1), (7, 2, 2, 2, 4)])
+def test_channels_first_shift_values_and_gradients(k, dilation, members, height, width, x64):
+    # NCHW 'same' convolutions take the flattened-plane formulation (taps as flat
+    # slices, wrapped columns masked), with its own kernel-gradient taps; the last two
+    # cases have the padding wider than the image (extra padded rows).
+    rng = np.random.default_rng(k + members + width)
+    x = jnp.asarray(rng.normal(size=(2, 3 * members, height, width)))
+    kernel = jnp.asarray(rng.normal(size=(k, k, members, 3)))
+
+    def loss(impl):
+        return lambda x, kern: jnp.sum(jnp.sin(grouped_conv(
+            x, kern, dilation=dilation, impl=impl, channels_first=True)))
+
+    y = grouped_conv(x, kernel, dilation=dilation, impl="shift", channels_first=True)
+    nhwc = np.transpose(np.asarray(x), (0, 2, 3, 1))
+    for g in range(3):
+        ref = reference_conv(nhwc[..., g * members: (g + 1) * members],
+                             np.asarray(kernel)[:, :, :, g: g + 1], dilation)
+        np.testing.assert_allclose(np.asarray(y)[:, g], ref[..., 0], atol=1e-12)
+    got = jax.grad(loss("shift"), argnums=(0, 1))(x, kernel)
+    want = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_channels_first_layernorm_matches_channels_last():
+    rng = np.random.default_rng(8)
+    x = rng.normal(3.0, 2.0, size=(2, 5, 6, 8)).astype(np.float32)
+    params = {"params": {"scale": jnp.asarray(rng.normal(size=8), jnp.float32),
+                         "bias": jnp.asarray(rng.normal(size=8), jnp.float32)}}
+    last = LayerNorm("WithBias").apply(params, jnp.asarray(x))
+    first = LayerNorm("WithBias", channels_first=True).apply(
+        params, jnp.asarray(np.transpose(x, (0, 3, 1, 2))))
+    np.testing.assert_allclose(np.transpose(np.asarray(first), (0, 2, 3, 1)), last, atol=2e-6)
+
+
 def test_msfn_hidden_width_and_straddling_group():
     assert [hidden_features(c, 2.66) for c in (48, 96, 192, 384)] == [127, 255, 510, 1021]
     # The straddling group couples the 3x3 and 5x5 branches: perturbing the 5x5

@@ -157,10 +157,73 @@ def _out_size(x: jax.Array, kh: int, kw: int, dilation: int, ph: int, pw: int,
     return h + 2 * ph - dilation * (kh - 1), w + 2 * pw - dilation * (kw - 1)
 
 
+def _is_same_static(x: jax.Array, kh: int, kw: int, dilation: int, ph: int, pw: int) -> bool:
+    """Static shape and 'same' padding: the output is as large as the input."""
+    return (2 * ph == dilation * (kh - 1) and 2 * pw == dilation * (kw - 1)
+            and all(isinstance(d, int) for d in x.shape))
+
+
+def _flat_padded(x: jax.Array, ph: int, pw: int) -> tuple[jax.Array, int]:
+    """(N, C, H, W) -> (N, C, (H + 2 r) W) with r >= ph + ceil(pw / W) zero rows above
+    and below, each plane flattened, and the offset of row -ph, column 0.
+
+    Tap (i, j) of a 'same' convolution at output pixel p = y W + x is then element
+    offset + p + i d W + j d - pw: one contiguous slice per tap of one padded copy
+    (the rows past ph take the slices' overhang of pw at both ends). r is 3 or 7 where
+    that suffices, so that the convolutions of one input (MSFN's 3x3 and 5x5, MEFC's
+    six experts) pad it alike and XLA keeps one padded copy for all of them.
+    """
+    n, c, h, w = x.shape
+    need = ph - (-pw // w)
+    r = 3 if need <= 3 else max(7, need)
+    rows = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), (r, r, 0), (0, 0, 0)])
+    return rows.reshape(n, c, (h + 2 * r) * w), (r - ph) * w
+
+
+def _mask_columns(t: jax.Array, h: int, w: int, shift: int) -> jax.Array:
+    """Zeroes the pixels of flattened (N, C, H W) planes whose column x + shift is
+    outside 0 .. W-1: there the flat slice of a tap read a neighbouring row."""
+    if shift == 0:
+        return t
+    col = lax.broadcasted_iota(jnp.int32, (h, w), 1).reshape(h * w)
+    valid = (col < w - shift) if shift > 0 else (col >= -shift)
+    return jnp.where(valid, t, jnp.zeros((), t.dtype))
+
+
+def _flat_shift_sum(xs: tuple[jax.Array, ...], kernels: tuple[jax.Array, ...],
+                    dilation: int) -> jax.Array:
+    """`_shift_sum` of NCHW inputs with 'same' padding over flattened planes.
+
+    Every tap is a contiguous slice of a flattened plane, so the fused loop
+    vectorises whatever shape its consumer gives it. With (N, C, H, W) taps, XLA:CPU
+    fuses a following matmul's (N, C, H*W) reshape into the stencil and indexes it by
+    division and remainder, which does not vectorise: a depthwise conv followed by a
+    1x1 conv (MEFC, MSFN, TKSA) ran 4-5x slower than the two apart.
+    """
+    kh, kw = kernels[0].shape[:2]
+    n, c, h, w = xs[0].shape
+    ph, pw = dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
+    flats = [_flat_padded(x, ph, pw) for x in xs]
+    out = None
+    for j in range(kw):
+        part = None
+        for i in range(kh):
+            for (xf, offset), kernel in zip(flats, kernels, strict=True):
+                start = offset + (i * w + j) * dilation - pw
+                tap = lax.slice_in_dim(xf, start, start + h * w, axis=2)
+                term = tap * kernel[i, j][:, None]
+                part = term if part is None else part + term
+        part = _mask_columns(part, h, w, j * dilation - pw)
+        out = part if out is None else out + part
+    return out.reshape(n, c, h, w)
+
+
 def _shift_sum(xs: tuple[jax.Array, ...], kernels: tuple[jax.Array, ...], dilation: int,
                ph: int, pw: int, channels_first: bool) -> jax.Array:
     """sum over r and taps (i, j) of pad(xs[r]) shifted by (i*d, j*d), times kernels[r][i, j]."""
     kh, kw = kernels[0].shape[:2]
+    if channels_first and _is_same_static(xs[0], kh, kw, dilation, ph, pw):
+        return _flat_shift_sum(xs, kernels, dilation)
     h, w = _out_size(xs[0], kh, kw, dilation, ph, pw, channels_first)
     padded = [_pad(x, ph, pw, channels_first) for x in xs]
     out = None
@@ -201,24 +264,40 @@ def _shifted_depthwise_sum_bwd(dilation, ph, pw, channels_first, residuals, g):
     # Only the inputs and kernels are saved for the backward (the residuals above).
     xs, kernels = residuals
     kh, kw = kernels[0].shape[:2]
-    h, w = (g.shape[2], g.shape[3]) if channels_first else (g.shape[1], g.shape[2])
     qh, qw = dilation * (kh - 1) - ph, dilation * (kw - 1) - pw
     dxs = tuple(_shift_sum((g,), (k[::-1, ::-1],), dilation, qh, qw, channels_first)
                 for k in kernels)
-    axes = (0, 2, 3) if channels_first else (0, 1, 2)
+    # Accumulated in at least float32, as jnp.sum does for 16-bit floats.
+    acc = jnp.promote_types(g.dtype, jnp.float32)
+    zero = jnp.zeros((), acc)
     dks = []
     for x, kernel in zip(xs, kernels, strict=True):
-        xp = _pad(x, ph, pw, channels_first)
-        # Accumulated in at least float32, as jnp.sum does for 16-bit floats.
-        acc = jnp.promote_types(g.dtype, jnp.float32)
-        prods = tuple((_tap(xp, i * dilation, j * dilation, h, w, channels_first) * g
-                       ).astype(acc) for i in range(kh) for j in range(kw))
-        zero = jnp.zeros((), acc)
-        sums = lax.reduce(prods, (zero,) * len(prods),
+        prods, axes = _tap_products(x, g, kh, kw, dilation, ph, pw, channels_first)
+        sums = lax.reduce(tuple(p.astype(acc) for p in prods), (zero,) * len(prods),
                           lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), axes)
         dk = jnp.stack(sums)
         dks.append(dk.reshape(kernel.shape).astype(kernel.dtype))
     return dxs, tuple(dks)
+
+
+def _tap_products(x: jax.Array, g: jax.Array, kh: int, kw: int, dilation: int, ph: int,
+                  pw: int, channels_first: bool) -> tuple[list[jax.Array], tuple[int, ...]]:
+    """Tap (i, j) of x times the output gradient g, in (i, j) order, and the axes whose
+    sum is that tap's kernel gradient (the flat form where `_shift_sum` used it)."""
+    if channels_first and _is_same_static(x, kh, kw, dilation, ph, pw):
+        n, c, h, w = x.shape
+        xf, offset = _flat_padded(x, ph, pw)
+        gf = g.reshape(n, c, h * w)
+        masked = [_mask_columns(gf, h, w, j * dilation - pw) for j in range(kw)]
+        starts = [[offset + (i * w + j) * dilation - pw for j in range(kw)] for i in range(kh)]
+        prods = [lax.slice_in_dim(xf, starts[i][j], starts[i][j] + h * w, axis=2) * masked[j]
+                 for i in range(kh) for j in range(kw)]
+        return prods, (0, 2)
+    h, w = (g.shape[2], g.shape[3]) if channels_first else (g.shape[1], g.shape[2])
+    xp = _pad(x, ph, pw, channels_first)
+    prods = [_tap(xp, i * dilation, j * dilation, h, w, channels_first) * g
+             for i in range(kh) for j in range(kw)]
+    return prods, ((0, 2, 3) if channels_first else (0, 1, 2))
 
 
 shifted_depthwise_sum.defvjp(_shifted_depthwise_sum_fwd, _shifted_depthwise_sum_bwd)
