@@ -51,9 +51,17 @@ flags.DEFINE_string("output", None, "evaluate: folder for the derained PNGs and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def use_cpu_devices(config) -> None:
+    """config.cpu_devices > 0: that many JAX CPU devices. Must run before JAX starts."""
+    count = int(config.get("cpu_devices", 0) or 0)
+    if count > 0:
+        jax.config.update("jax_num_cpu_devices", count)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    use_cpu_devices(FLAGS.config)
     logging.set_verbosity(logging.ERROR)  # orbax logs saves and read-only notes
     if FLAGS.mode == "evaluate":
         try:

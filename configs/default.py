@@ -27,6 +27,10 @@ def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
     config.remat = False  # rematerialise each transformer block / MEFC to save memory
     config.conv_impl = "auto"  # depthwise/grouped conv formulation: auto, xla, shift
     config.layout = "auto"  # activations inside the model: auto (NCHW on CPU), NHWC, NCHW
+    # CPU hosts: train on this many JAX CPU devices, the batch split over them (data
+    # parallel, like GPUs): small models keep both cores busier. Applied by main.py
+    # before JAX starts; 0 = JAX's default (one CPU device). Accelerators ignore it.
+    config.cpu_devices = 0
 
     # Where the parameters start: "" = PyTorch's default init (seed below); or an export
     # directory, a training workdir (its best checkpoint), a step directory or a release

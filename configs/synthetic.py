@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_blocks = (1, 1, 1, 1)
     config.heads = (1, 1, 2, 2)
     config.use_mefc = False
+    # Two CPU devices of batch 4: small ops leave a core idle; 0.88 -> 0.73 s a step.
+    config.cpu_devices = 2
 
     config.seed = 0
     config.num_train_steps = 250

@@ -1,6 +1,9 @@
 """Every shipped config loads and passes the trainer's checks."""
 
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +27,20 @@ def test_fine_tuning_config_starts_from_weights_at_a_lower_rate():
     config = finetune.get_config()
     assert config.init_from and config.learning_rate < default.get_config().learning_rate
     assert config.lr_constant_steps + config.lr_cosine_steps == config.num_train_steps
+
+
+def test_cpu_devices_is_applied_before_jax_starts_and_checked():
+    from configs import synthetic
+
+    root = Path(__file__).resolve().parents[1]
+    # main.use_cpu_devices in a fresh process: JAX then has the config's CPU devices.
+    code = ("import main; from configs import synthetic; import jax; "
+            "main.use_cpu_devices(synthetic.get_config()); print(jax.device_count())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == str(synthetic.get_config().cpu_devices) == "2"
+    config = synthetic.get_config()
+    config.cpu_devices = -1
+    with pytest.raises(Exception, match="cpu_devices must be >= 0"):
+        validate_config(config)

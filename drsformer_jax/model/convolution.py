@@ -17,7 +17,9 @@ has several formulations:
 - "shift": a sum of shifted multiply-adds, one per kernel tap and group member,
   fused by XLA into one loop over the output (`shifted_depthwise_sum`, with a
   hand-written VJP). Grouped convolutions first split the input into one
-  contiguous array per group member. ~10x faster than "xla" on CPU.
+  contiguous array per group member. ~10x faster than "xla" on CPU. In NCHW
+  with 'same' padding the taps are contiguous slices of flattened planes
+  (`_flat_shift_sum`), which XLA:CPU vectorises whatever it fuses them with.
 
 "auto" picks by backend. All give the same numbers up to float rounding.
 """
