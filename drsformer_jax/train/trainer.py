@@ -131,10 +131,9 @@ def validate_config(config: Any) -> None:
                 if int(config[name]) <= 0]
     problems += [f"{name} must be >= 0, got {config[name]}"
                  for name in ("num_train_steps", "lr_constant_steps", "learning_rate",
-                              "min_learning_rate", "weight_decay", "grad_clip_norm")
+                              "min_learning_rate", "weight_decay", "grad_clip_norm",
+                              "cpu_devices")
                  if float(config[name]) < 0]
-    if int(config.get("cpu_devices", 0) or 0) < 0:
-        problems.append(f"cpu_devices must be >= 0, got {config.cpu_devices}")
     if int(config.crop_size) % SIZE_MULTIPLE:
         problems.append(f"crop_size must be a multiple of {SIZE_MULTIPLE}, got "
                         f"{config.crop_size}")
