@@ -174,7 +174,13 @@ def _flat_padded(x: jax.Array, ph: int, pw: int) -> tuple[jax.Array, int]:
     (the rows past ph take the slices' overhang of pw at both ends). r is 3 or 7 where
     that suffices, so that the convolutions of one input (MSFN's 3x3 and 5x5, MEFC's
     six experts) pad it alike and XLA keeps one padded copy for all of them.
+
+    x is materialised before it is padded (an optimization barrier): XLA:CPU otherwise
+    fuses a producing stencil (another convolution, or its input gradient in the
+    backward pass) into the pad, and that fused loop runs at scalar speed (8 % of the
+    forward, 5 % of the train step).
     """
+    x = lax.optimization_barrier(x)
     n, c, h, w = x.shape
     need = ph - (-pw // w)
     r = 3 if need <= 3 else max(7, need)
