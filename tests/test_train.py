@@ -97,6 +97,30 @@ def test_train_step_reduces_l1_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+
+def test_cpu_train_compiler_options_change_gradients_only_by_rounding(x64):
+    """The train step's fast-math options on CPU: float64 gradients (TKSA's -inf masks,
+    the depthwise kernel-gradient reduces) agree with the default compilation."""
+    assert train.train_compiler_options("gpu") is None
+    options = train.train_compiler_options("cpu")
+    assert options["xla_cpu_enable_fast_math"] and options["xla_cpu_fast_math_honor_infs"]
+    config = default.get_config("synthetic")
+    config.dim, config.num_blocks, config.heads = 8, (1, 1, 1, 1), (1, 1, 2, 2)
+    config.use_mefc, config.dtype = False, "float64"
+    model = train.create_model(config)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                    model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 16, 16, 3)))["params"])
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)))
+    grad = jax.value_and_grad(lambda p: jnp.mean(jnp.abs(model.apply({"params": p}, x) - x)))
+    (loss, g), (loss_fast, g_fast) = jax.jit(grad)(params), jax.jit(
+        grad, compiler_options=options)(params)
+    assert loss.dtype == jnp.float64
+    np.testing.assert_allclose(loss_fast, loss, rtol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_fast),
+                    strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(a))))
+
 # --- end-to-end ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
