@@ -18,12 +18,13 @@ from drsformer_jax.train.trainer import (
     create_optimizer,
     create_train_state,
     make_train_step,
+    train_compiler_options,
     train_step,
 )
 
 __all__ = ["CompiledStep", "TrainState", "TrainingError", "create_learning_rate_fn",
            "create_model", "create_optimizer", "create_train_state", "make_train_step",
-           "train_and_evaluate", "train_step"]
+           "train_and_evaluate", "train_compiler_options", "train_step"]
 
 
 def __getattr__(name: str) -> Any:
