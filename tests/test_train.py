@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from drsformer_jax.model.drsformer import init_params
 from drsformer_jax.train import trainer as train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,6 @@ def test_train_step_reduces_l1_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-
 def test_cpu_train_compiler_options_change_gradients_only_by_rounding(x64):
     """The train step's fast-math options on CPU: float64 gradients (TKSA's -inf masks,
     the depthwise kernel-gradient reduces) agree with the default compilation."""
@@ -108,9 +108,7 @@ def test_cpu_train_compiler_options_change_gradients_only_by_rounding(x64):
     config.dim, config.num_blocks, config.heads = 8, (1, 1, 1, 1), (1, 1, 2, 2)
     config.use_mefc, config.dtype = False, "float64"
     model = train.create_model(config)
-    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
-                                    model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, 16, 16, 3)))["params"])
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), init_params(model, 0))
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)))
     grad = jax.value_and_grad(lambda p: jnp.mean(jnp.abs(model.apply({"params": p}, x) - x)))
     (loss, g), (loss_fast, g_fast) = jax.jit(grad)(params), jax.jit(
@@ -120,6 +118,7 @@ def test_cpu_train_compiler_options_change_gradients_only_by_rounding(x64):
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_fast),
                     strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(a))))
+
 
 # --- end-to-end ---------------------------------------------------------------------------
 
