@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from drsformer_jax.model.attention import TopKSparseAttention, topk_masks, topk_sizes
-from drsformer_jax.model.convolution import grouped_conv
+from drsformer_jax.model.convolution import grouped_conv, pointwise
 from drsformer_jax.model.drsformer import (
     DRSformer,
     count_params,
@@ -16,7 +16,7 @@ from drsformer_jax.model.drsformer import (
 )
 from drsformer_jax.model.feedforward import MixedScaleFeedForward, hidden_features
 from drsformer_jax.model.initializers import initial_value
-from drsformer_jax.model.mefc import Expert
+from drsformer_jax.model.mefc import avg_pool_3x3, fold_expert_kernels
 from drsformer_jax.model.normalization import LayerNorm
 
 TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2))
@@ -83,12 +83,38 @@ def init_params_for(module, x):
     return jax.tree_util.tree_map(np.asarray, module.init(jax.random.PRNGKey(0), x)["params"])
 
 
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_folded_expert_kernels_equal_the_unfolded_step(x64, channels_first):
+    # fuse(concat_j w_j * (z_j K_j)) with K_j = None for the average pool: the release's
+    # order of operations, against the one matmul with the folded per-image kernel.
+    rng = np.random.default_rng(21)
+    n, c, e, hw = 2, 4, 3, (5, 6)
+    shape = (n, c) + hw if channels_first else (n,) + hw + (c,)
+    # Both images see the same z_j: they differ only through their router weights.
+    zs = [jnp.broadcast_to(jnp.asarray(rng.normal(size=(1,) + shape[1:])), shape)
+          for _ in range(e)]
+    ks = (jnp.asarray(rng.normal(size=(c, c))), None, jnp.asarray(rng.normal(size=(c, c))))
+    fuse = jnp.asarray(rng.normal(size=(e * c, c)))
+    w = jnp.asarray(rng.uniform(size=(n, e)))
+    cax = 1 if channels_first else -1
+    bshape = (n, 1, 1, 1)
+    outs = [z if k is None else pointwise(z, k, channels_first)
+            for z, k in zip(zs, ks, strict=True)]
+    want = pointwise(jnp.concatenate([o * w[:, j].reshape(bshape) for j, o in enumerate(outs)],
+                                     axis=cax), fuse, channels_first)
+    got = pointwise(jnp.concatenate(zs, axis=cax),
+                    fold_expert_kernels(fuse, ks, w, jnp.float64), channels_first)
+    assert got.shape == want.shape and got.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+    assert not np.allclose(got[0], got[1])  # each image's own kernel
+
+
 def test_avg_pool_expert_excludes_padding_at_borders():
     x = jnp.ones((1, 5, 6, 2), jnp.float32)
-    y = np.asarray(Expert("avg_pool_3x3").apply({}, x))
+    y = np.asarray(avg_pool_3x3(x))
     np.testing.assert_allclose(y, 1.0, rtol=0, atol=1e-6)  # zero padding would pull borders down
     ramp = jnp.arange(30, dtype=jnp.float32).reshape(1, 5, 6, 1)
-    y = np.asarray(Expert("avg_pool_3x3").apply({}, ramp))[0, :, :, 0]
+    y = np.asarray(avg_pool_3x3(ramp))[0, :, :, 0]
     r = np.asarray(ramp)[0, :, :, 0]
     assert y[0, 0] == pytest.approx(r[:2, :2].mean())  # corner: 4 values
     assert y[0, 3] == pytest.approx(r[:2, 2:5].mean())  # edge: 6 values

@@ -69,18 +69,21 @@ def _dimension_numbers(channels_first: bool) -> tuple[str, str, str]:
 
 
 def pointwise(x: jax.Array, kernel: jax.Array, channels_first: bool = False) -> jax.Array:
-    """1x1 convolution with a (C_in, C_out) kernel: a matmul over channels.
+    """1x1 convolution: a matmul over channels with a (C_in, C_out) kernel, or with an
+    (N, C_in, C_out) kernel of each example's own.
 
     Channels first, each image is kernel^T (C_out x C_in) times its (C_in x H*W)
     plane matrix: one GEMM per image with no transposes (a plain einsum would
     make XLA:CPU transpose the activations twice).
     """
+    per_example = kernel.ndim == 3
     if not channels_first:
-        return jnp.einsum("nhwc,cd->nhwd", x, kernel)
+        return jnp.einsum("nhwc,ncd->nhwd" if per_example else "nhwc,cd->nhwd", x, kernel)
     n, c, h, w = x.shape
-    kt = jnp.broadcast_to(kernel.T, (n, kernel.shape[1], c))
+    kt = (jnp.swapaxes(kernel, 1, 2) if per_example
+          else jnp.broadcast_to(kernel.T, (n, kernel.shape[1], c)))
     y = lax.dot_general(kt, x.reshape(n, c, h * w), (((2,), (1,)), ((0,), (0,))))
-    return y.reshape(n, kernel.shape[1], h, w)
+    return y.reshape(n, kernel.shape[-1], h, w)
 
 
 def grouped_conv(x: jax.Array, kernel: jax.Array, *, dilation: int = 1,
@@ -343,6 +346,33 @@ class Layer(nn.Module):
                     dtype=self.dtype, param_dtype=self.param_dtype)
 
 
+def conv_kernel(module: nn.Module, kernel_size: int, inputs: int, features: int,
+                dtype: Dtype) -> jax.Array:
+    """The (k, k, inputs, features) HWIO kernel parameter "kernel" of `module`, with
+    PyTorch's default initialisation: the one declaration of every convolution's kernel."""
+    return module.param("kernel", torch_default_init,
+                        (kernel_size, kernel_size, inputs, features), dtype)
+
+
+class ConvKernel(Layer):
+    """The kernel of a bias-free `Conv` (or of a depthwise `GroupedConv` with
+    `inputs_per_group=1`), declared as those declare it but returned, not applied:
+    for callers that fold it into a following linear map (MEFC does).
+
+    Called with the number of input channels (1 for a depthwise kernel); returns the
+    kernel in the computation dtype or float32, whichever is wider (folding is done
+    in at least float32).
+    """
+
+    features: int
+    kernel_size: int = 1
+
+    @nn.compact
+    def __call__(self, inputs: int) -> jax.Array:
+        kernel = conv_kernel(self, self.kernel_size, inputs, self.features, self.param_dtype)
+        return kernel.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
 class Conv(Layer):
     """Dense 2-D convolution, stride 1, 'same' zero padding, HWIO kernel."""
 
@@ -353,8 +383,7 @@ class Conv(Layer):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, cin = self.kernel_size, x.shape[channel_axis(self.channels_first)]
-        kernel = self.param("kernel", torch_default_init, (k, k, cin, self.features),
-                            self.param_dtype)
+        kernel = conv_kernel(self, k, cin, self.features, self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if k == 1:
             # A 1x1 convolution is a matmul over channels; XLA tiles dots better.
@@ -382,8 +411,7 @@ class GroupedConv(Layer):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, m = self.kernel_size, self.inputs_per_group
-        kernel = self.param("kernel", torch_default_init, (k, k, m, self.features),
-                            self.param_dtype)
+        kernel = conv_kernel(self, k, m, self.features, self.param_dtype)
         y = grouped_conv(x.astype(self.dtype), kernel.astype(self.dtype),
                          dilation=self.dilation, impl=self.conv_impl,
                          channels_first=self.channels_first)
