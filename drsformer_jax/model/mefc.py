@@ -130,7 +130,7 @@ class MEFC(Layer):
                                 for kind in EXPERTS), strict=True)
             fuse = ConvKernel(c, name=f"step_{s}_fuse", **kw)(num_ops * c)[0, 0]
             kernel = fold_expert_kernels(fuse, kernels, weights[:, s], acc)
-            z = jnp.concatenate([t.astype(self.dtype) for t in zs], axis=channel_axis(cf))
+            z = jnp.concatenate(zs, axis=channel_axis(cf))  # all in self.dtype
             fused = nn.relu(pointwise(z, kernel.astype(self.dtype), cf))
             x = nn.relu(fused + x)
         return x
