@@ -24,9 +24,14 @@ def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
     config.layernorm_type = "WithBias"
     config.use_mefc = True  # off for Rain200L and SPA-Data, as the release trained them
     config.dtype = "float32"  # computation dtype: "float32" or "bfloat16"
-    config.remat = False  # rematerialise each transformer block / MEFC to save memory
+    # Recompute activations in the backward pass to save memory: "none"; "dots" keeps the
+    # matmul outputs of each transformer block / MEFC; "blocks" keeps only their inputs.
+    config.remat = "none"
     config.conv_impl = "auto"  # depthwise/grouped conv formulation: auto, xla, shift
     config.layout = "auto"  # activations inside the model: auto (NCHW on CPU), NHWC, NCHW
+    # Matmuls and convolutions: "default" is bfloat16 passes on TPU and TF32 on recent
+    # GPUs (float32 on CPU); "highest" is true float32 everywhere, slower on accelerators.
+    config.matmul_precision = "default"
     # CPU hosts: train on this many JAX CPU devices, the batch split over them (data
     # parallel, like GPUs): small models keep both cores busier. Applied by main.py
     # before JAX starts; 0 = JAX's default (one CPU device). Accelerators ignore it.

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        model, variables = load(args.checkpoint, conv_impl="xla", layout="NHWC")
+        model, variables = load(args.checkpoint)
         tmp.mkdir(parents=True)
         serving.export_stablehlo(model, variables, tmp, platforms)
         if args.saved_model:

@@ -297,15 +297,16 @@ def test_layouts_agree_and_keep_nhwc_interface(tiny):
         model.clone(layout="NWHC").apply(variables, x)
 
 
-@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_remat_keeps_outputs_and_gradients(tiny, layout):
+@pytest.mark.parametrize(("layout", "mode"), [("NHWC", True), ("NCHW", True),
+                                              ("NHWC", "dots")])
+def test_remat_keeps_outputs_and_gradients(tiny, layout, mode):
     model, variables = tiny
     x = jnp.asarray(np.random.default_rng(10).uniform(size=(1, 16, 16, 3)), jnp.float32)
 
     def loss(params, m):
         return jnp.mean(jnp.abs(m.apply({"params": params}, x) - 0.5))
 
-    plain, remat = model.clone(layout=layout), model.clone(layout=layout, remat=True)
+    plain, remat = model.clone(layout=layout), model.clone(layout=layout, remat=mode)
     l0, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables["params"], plain)
     l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables["params"], remat)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)

@@ -24,6 +24,7 @@ import drsformer_jax
 from drsformer_jax import convert, parity
 from drsformer_jax.checkpoints import conversion, names
 from drsformer_jax.checkpoints.torch_format import save_pth
+from drsformer_jax.model.convolution import FORMULATIONS
 from drsformer_jax.testing import random_state_dict
 
 VARIANTS = ["mefc", "no_mefc", "biasfree_bias"]
@@ -65,7 +66,7 @@ def test_float64_matches_release_float64(fixture, variant, tmp_path, x64):
     sd = release_state_dict(fixture, variant)
     pth = tmp_path / "release.pth"
     save_pth(pth, sd, wrap_key="params")
-    model, variables = drsformer_jax.load(pth, dtype=jnp.float64)
+    model, variables = drsformer_jax.load(pth, dtype=jnp.float64, precision="highest")
     out = jax.jit(model.apply)(variables, jnp.asarray(fixture["input"], jnp.float64))
     assert out.dtype == jnp.float64
     ref = release_output64(fixture, variant)
@@ -74,14 +75,21 @@ def test_float64_matches_release_float64(fixture, variant, tmp_path, x64):
     assert np.abs(ref - fixture[f"{variant}/output"]).max() > 1e-7
 
 
-@pytest.mark.parametrize("impl", ["xla", "shift"])
-def test_float64_both_conv_formulations(fixture, impl, x64):
-    sd = release_state_dict(fixture, "mefc")
-    config, params = conversion.state_dict_to_flax(sd)
+def platform_model(fixture, platform, dtype):
+    """The "mefc" fixture model in the formulation "auto" gives `platform`, at highest
+    matmul precision (as the parity CLI runs), and its parameters."""
     from drsformer_jax.model.drsformer import from_config
 
-    model = from_config(config, conv_impl=impl, dtype=jnp.float64)
-    out = jax.jit(model.apply)({"params": params}, jnp.asarray(fixture["input"], jnp.float64))
+    config, params = conversion.state_dict_to_flax(release_state_dict(fixture, "mefc"))
+    model = from_config(config, dtype=dtype, matmul_precision="highest")
+    return model.for_platform(platform), {"params": params}
+
+
+@pytest.mark.parametrize("platform", sorted(FORMULATIONS))
+def test_float64_each_platform_formulation(fixture, platform, x64):
+    model, variables = platform_model(fixture, platform, jnp.float64)
+    assert (model.conv_impl, model.layout) == FORMULATIONS[platform]
+    out = jax.jit(model.apply)(variables, jnp.asarray(fixture["input"], jnp.float64))
     assert np.abs(np.asarray(out) - release_output64(fixture, "mefc")).max() <= 1e-9
 
 
@@ -100,7 +108,7 @@ def test_convert_cli_then_forward_matches_release(fixture, variant, tmp_path):
     out_dir = tmp_path / "converted"
     assert convert.main(["--torch-checkpoint", str(pth), "--output", str(out_dir)]) == 0
 
-    model, variables = drsformer_jax.load(out_dir)
+    model, variables = drsformer_jax.load(out_dir, precision="highest")
     assert model.config() == json.loads(str(fixture[f"{variant}/config"]))
     out = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(fixture["input"])))
     ref = fixture[f"{variant}/output"]
@@ -110,14 +118,10 @@ def test_convert_cli_then_forward_matches_release(fixture, variant, tmp_path):
     assert np.abs(ref - fixture["input"]).mean() > 0.1
 
 
-@pytest.mark.parametrize("impl", ["xla", "shift"])
-def test_both_conv_formulations_match_release(fixture, impl):
-    sd = release_state_dict(fixture, "mefc")
-    config, params = conversion.state_dict_to_flax(sd)
-    from drsformer_jax.model.drsformer import from_config
-
-    model = from_config(config, conv_impl=impl)
-    out = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(fixture["input"])))
+@pytest.mark.parametrize("platform", sorted(FORMULATIONS))
+def test_each_platform_formulation_matches_release(fixture, platform):
+    model, variables = platform_model(fixture, platform, jnp.float32)
+    out = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(fixture["input"])))
     assert_float32_parity(fixture, "mefc", out)
 
 

@@ -55,13 +55,15 @@ def batches(fixture, dtype):
     return out
 
 
-def setup(fixture, dtype):
+def setup(fixture, dtype, platform=None):
     names = [str(n) for n in fixture["names"]]
     shapes = [tuple(int(d) for d in s.split("x")) if s else () for s in fixture["shapes"]]
     sd = random_state_dict(zip(names, shapes, strict=True), int(fixture["seed"]))
     config, params = conversion.state_dict_to_flax(sd)
     assert config["use_mefc"] and config["dim"] == 8
-    model = from_config(config, dtype=jnp.dtype(dtype))
+    model = from_config(config, dtype=jnp.dtype(dtype), matmul_precision="highest")
+    if platform is not None:
+        model = model.for_platform(platform)
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params)
     return names, model, params
 
@@ -71,7 +73,17 @@ def relative_l2(got, want):
 
 
 def test_first_gradient_matches_release_autograd(fixture, dtype):
-    names, model, params = setup(fixture, dtype)
+    assert_first_gradient_matches(fixture, dtype)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_first_gradient_of_accelerator_formulations(fixture, platform, x64):
+    """The formulation each accelerator compiles (`FORMULATIONS`), run here on CPU."""
+    assert_first_gradient_matches(fixture, "float64", platform)
+
+
+def assert_first_gradient_matches(fixture, dtype, platform=None):
+    names, model, params = setup(fixture, dtype, platform)
     batch = batches(fixture, dtype)[0]
     loss, grads = jax.jit(jax.value_and_grad(trainer.l1_loss), static_argnums=2)(
         params, batch, model)

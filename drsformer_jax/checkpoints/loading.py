@@ -80,19 +80,22 @@ def check_finite(params: Any, source: str, release_names: bool = False) -> None:
                           f"(NaN or inf): {first_names(names)}")
 
 
-def load(path: str | os.PathLike, *, dtype: Any = jnp.float32,
+def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, precision: str | None = None,
          **runtime: Any) -> tuple[DRSformer, dict[str, Any]]:
     """Loads a checkpoint: `model, variables = load(PATH)`; then `model.apply(variables, x)`.
 
     `path` is an export directory (from `convert`), a training checkpoint step
     directory, a training workdir (its best checkpoint by PSNR, else the
     latest), or a release `.pth` file (converted in memory, with `convert`'s
-    checks). Weights that are NaN or infinite are refused. `runtime`: remat,
-    conv_impl, layout (see `DRSformer`). `x` is float32 NHWC in [0, 1] with H, W
+    checks). Weights that are NaN or infinite are refused. `precision`: of the
+    matmuls and convolutions ("highest" is true float32 on GPUs and TPUs, whose
+    default is TF32 / bfloat16 passes; see `DRSformer.matmul_precision`).
+    `runtime`: remat, conv_impl, layout (see `DRSformer`; for another platform than
+    this host's, `model.for_platform(...)`). `x` is float32 NHWC in [0, 1] with H, W
     multiples of 8.
     """
     config, params = load_params(path)
-    model = from_config(config, dtype=dtype, **runtime)
+    model = from_config(config, dtype=dtype, matmul_precision=precision, **runtime)
     _check_params(model, params, Path(path))
     return model, {"params": params}
 

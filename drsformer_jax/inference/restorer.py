@@ -83,6 +83,8 @@ class Restorer:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.dim = int(model.dim)
+        self.platform = jax.local_devices()[0].platform
+        model = model.for_platform(self.platform)
         self.tile, self.tile_overlap = tile, tile_overlap
         self.buckets, self.batch_size = buckets, batch_size
         # The variables are an argument, not a closure: closed-over arrays become
@@ -107,7 +109,8 @@ class Restorer:
 
     def _fits(self, height: int, width: int, batch: int = 1) -> bool:
         return (self.memory_limit is None
-                or estimate_memory(self.dim, height, width, batch) <= self.memory_limit)
+                or estimate_memory(self.dim, height, width, batch, self.platform)
+                <= self.memory_limit)
 
     def _batch_for(self, height: int, width: int) -> int:
         batch = self.batch_size
@@ -127,7 +130,8 @@ class Restorer:
         fitting = [t for t in _TILE_LADDER if self._fits(t, t)]
         tile = fitting[0] if fitting else _TILE_LADDER[-1]
         gib = 2 ** 30
-        note = (f"{width}x{height} needs ~{estimate_memory(self.dim, hp, wp) / gib:.1f} GiB "
+        need = estimate_memory(self.dim, hp, wp, backend=self.platform)
+        note = (f"{width}x{height} needs ~{need / gib:.1f} GiB "
                 f"untiled, {self.memory_limit / gib:.1f} GiB usable: tiling with "
                 f"{min(tile, hp, wp)}x{min(tile, hp, wp)} tiles, overlap {self.tile_overlap}")
         t = min(tile, hp, wp)

@@ -83,8 +83,9 @@ class TopKSparseAttention(Layer):
         # Normalisation, scores and softmax in at least float32 (float64 stays float64).
         acc = jnp.promote_types(self.dtype, jnp.float32)
         q, k = (l2_normalize(t.astype(acc), axis=spatial) for t in (q, k))
+        # Always at full precision: a c x c product, cheap, and top_k selects on it.
         scores = jnp.einsum(qk, q.astype(self.dtype), k.astype(self.dtype),
-                            preferred_element_type=acc)
+                            preferred_element_type=acc, precision="highest")
         scores = scores * temperature.astype(acc)
 
         c = self.dim // n
@@ -93,7 +94,8 @@ class TopKSparseAttention(Layer):
             p = jax.nn.softmax(jnp.where(keep, scores, -jnp.inf), axis=-1)
             probs = probs + weight.astype(acc) * p
 
-        out = jnp.einsum(pv, probs.astype(self.dtype), v.astype(self.dtype))
+        out = jnp.einsum(pv, probs.astype(self.dtype), v.astype(self.dtype),
+                         precision=self.precision)
         if cf:
             out = rearrange(out, "b n c (h w) -> b (n c) h w", h=h, w=w)
         else:

@@ -4,8 +4,8 @@ Activations are NHWC, or NCHW ("channels first") when a module's
 `channels_first` is set; kernels are always HWIO, as stored in checkpoints. The
 model picks its layout with `resolve_layout` (see `DRSformer.layout`): NCHW on
 CPU, where the depthwise convolutions below become stencils over contiguous
-H x W planes (about 1.7x faster on XLA:CPU than over channel vectors, and the
-grouped convolutions' channel pairs become whole planes), NHWC elsewhere.
+H x W planes (faster on XLA:CPU than over channel vectors, and the grouped
+convolutions' channel pairs become whole planes), NHWC elsewhere.
 
 Dense convolutions go through `Conv` (1x1 ones are matmuls). Depthwise and
 grouped convolutions (every group reads a few consecutive input channels and
@@ -21,7 +21,16 @@ has several formulations:
   with 'same' padding the taps are contiguous slices of flattened planes
   (`_flat_shift_sum`), which XLA:CPU vectorises whatever it fuses them with.
 
-"auto" picks by backend. All give the same numbers up to float rounding.
+"auto" picks per platform (`FORMULATIONS`: NCHW stencils on CPU, NHWC stencils on
+TPU, where XLA:TPU expands `feature_group_count` convolutions into lane-padded
+copies, XLA's grouped convolutions on GPU), for the platform the program is
+compiled for when the caller names it (`DRSformer.for_platform`), else for JAX's
+default backend. All give the same numbers up to float rounding.
+
+Matmuls and dense convolutions run at the layers' `precision` (JAX's names:
+"default", "high", "highest"; None follows `jax.default_matmul_precision`). On
+CPU every one of them is float32; on accelerators "default" is bfloat16 passes
+(TPU) or TF32 (recent NVIDIA GPUs), and "highest" is true float32.
 """
 
 from __future__ import annotations
@@ -40,24 +49,35 @@ from drsformer_jax.model.initializers import torch_bias_init, torch_default_init
 Dtype = Any
 CONV_IMPLS = ("auto", "xla", "shift")
 LAYOUTS = ("auto", "NHWC", "NCHW")
+PRECISIONS = (None, "default", "high", "highest")
+# (conv_impl, layout) that "auto" means per platform, chosen from the compiled
+# programs' memory and traffic (docs/performance.md); other platforms: "gpu".
+FORMULATIONS = {"cpu": ("shift", "NCHW"), "tpu": ("shift", "NHWC"), "gpu": ("xla", "NHWC")}
 
 
-def resolve_conv_impl(impl: str) -> str:
-    """Maps "auto" to the fastest formulation for the default backend."""
+def _formulation(platform: str | None) -> tuple[str, str]:
+    platform = platform or jax.default_backend()
+    return FORMULATIONS.get(platform, FORMULATIONS["gpu"])
+
+
+def resolve_conv_impl(impl: str, platform: str | None = None) -> str:
+    """Maps "auto" to the formulation of `platform` (default: JAX's default backend)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "shift" if jax.default_backend() == "cpu" else "xla"
+    return _formulation(platform)[0] if impl == "auto" else impl
 
 
-def resolve_layout(layout: str) -> str:
-    """Maps "auto" to the faster activation layout for the default backend."""
+def resolve_layout(layout: str, platform: str | None = None) -> str:
+    """Maps "auto" to the activation layout of `platform` (default: JAX's default backend)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout != "auto":
-        return layout
-    return "NCHW" if jax.default_backend() == "cpu" else "NHWC"
+    return _formulation(platform)[1] if layout == "auto" else layout
+
+
+def check_precision(precision: str | None) -> str | None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"matmul precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def channel_axis(channels_first: bool) -> int:
@@ -68,7 +88,8 @@ def _dimension_numbers(channels_first: bool) -> tuple[str, str, str]:
     return ("NCHW", "HWIO", "NCHW") if channels_first else ("NHWC", "HWIO", "NHWC")
 
 
-def pointwise(x: jax.Array, kernel: jax.Array, channels_first: bool = False) -> jax.Array:
+def pointwise(x: jax.Array, kernel: jax.Array, channels_first: bool = False,
+              precision: str | None = None) -> jax.Array:
     """1x1 convolution: a matmul over channels with a (C_in, C_out) kernel, or with an
     (N, C_in, C_out) kernel of each example's own.
 
@@ -78,17 +99,19 @@ def pointwise(x: jax.Array, kernel: jax.Array, channels_first: bool = False) -> 
     """
     per_example = kernel.ndim == 3
     if not channels_first:
-        return jnp.einsum("nhwc,ncd->nhwd" if per_example else "nhwc,cd->nhwd", x, kernel)
+        return jnp.einsum("nhwc,ncd->nhwd" if per_example else "nhwc,cd->nhwd", x, kernel,
+                          precision=precision)
     n, c, h, w = x.shape
     kt = (jnp.swapaxes(kernel, 1, 2) if per_example
           else jnp.broadcast_to(kernel.T, (n, kernel.shape[1], c)))
-    y = lax.dot_general(kt, x.reshape(n, c, h * w), (((2,), (1,)), ((0,), (0,))))
+    y = lax.dot_general(kt, x.reshape(n, c, h * w), (((2,), (1,)), ((0,), (0,))),
+                        precision=precision)
     return y.reshape(n, kernel.shape[-1], h, w)
 
 
 def grouped_conv(x: jax.Array, kernel: jax.Array, *, dilation: int = 1,
                  impl: str = "auto", channels_first: bool = False,
-                 padding: int | None = None) -> jax.Array:
+                 padding: int | None = None, precision: str | None = None) -> jax.Array:
     """Grouped convolution with zero padding and stride 1 ('same' by default).
 
     Args:
@@ -101,6 +124,7 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, *, dilation: int = 1,
       channels_first: NCHW activations.
       padding: zeros added to each side of H and W (negative crops); default
         dilation * (k - 1) // 2, the 'same' padding.
+      precision: of the "xla" convolution (the "shift" sums are exact products).
     """
     kh, kw, m, groups = kernel.shape
     cax = channel_axis(channels_first)
@@ -118,7 +142,8 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, *, dilation: int = 1,
         return lax.conv_general_dilated(
             x, kernel, window_strides=(1, 1), padding=((ph, ph), (pw, pw)),
             rhs_dilation=(dilation, dilation),
-            dimension_numbers=_dimension_numbers(channels_first), feature_group_count=groups)
+            dimension_numbers=_dimension_numbers(channels_first), feature_group_count=groups,
+            precision=precision)
     if m == 1:
         return shifted_depthwise_sum((x,), (kernel[:, :, 0, :],), dilation, ph, pw,
                                      channels_first)
@@ -333,17 +358,19 @@ class Layer(nn.Module):
 
     `channels_first`: NCHW activations (else NHWC); `conv_impl`: the formulation
     of depthwise / grouped convolutions (see `grouped_conv`); `dtype`: the
-    computation dtype; `param_dtype`: the parameters'. `options()` passes them on.
+    computation dtype; `param_dtype`: the parameters'; `precision`: of matmuls and
+    convolutions (see the module docstring). `options()` passes them on.
     """
 
     channels_first: bool = _keyword(False)
     conv_impl: str = _keyword("auto")
     dtype: Dtype = _keyword(jnp.float32)
     param_dtype: Dtype = _keyword(jnp.float32)
+    precision: str | None = _keyword(None)
 
     def options(self) -> dict[str, Any]:
         return dict(channels_first=self.channels_first, conv_impl=self.conv_impl,
-                    dtype=self.dtype, param_dtype=self.param_dtype)
+                    dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
 
 
 def conv_kernel(module: nn.Module, kernel_size: int, inputs: int, features: int,
@@ -387,11 +414,12 @@ class Conv(Layer):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if k == 1:
             # A 1x1 convolution is a matmul over channels; XLA tiles dots better.
-            y = pointwise(x, kernel[0, 0], self.channels_first)
+            y = pointwise(x, kernel[0, 0], self.channels_first, self.precision)
         else:
             p = (k - 1) // 2
             y = lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
-                                         dimension_numbers=_dimension_numbers(self.channels_first))
+                                         dimension_numbers=_dimension_numbers(self.channels_first),
+                                         precision=self.precision)
         if self.use_bias:
             bias = self.param("bias", torch_bias_init(cin * k * k), (self.features,),
                               self.param_dtype)
@@ -414,7 +442,7 @@ class GroupedConv(Layer):
         kernel = conv_kernel(self, k, m, self.features, self.param_dtype)
         y = grouped_conv(x.astype(self.dtype), kernel.astype(self.dtype),
                          dilation=self.dilation, impl=self.conv_impl,
-                         channels_first=self.channels_first)
+                         channels_first=self.channels_first, precision=self.precision)
         if self.use_bias:
             bias = self.param("bias", torch_bias_init(m * k * k), (self.features,),
                               self.param_dtype)

@@ -1,4 +1,4 @@
-"""The DRSformer U-Net (Flax linen, NHWC)."""
+"""The DRSformer U-Net (Flax linen; NHWC in and out, either layout inside)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ from einops import rearrange
 from flax import traverse_util
 
 from drsformer_jax.model.attention import TopKSparseAttention
-from drsformer_jax.model.convolution import Conv, Layer, channel_axis, resolve_layout
+from drsformer_jax.model.convolution import (
+    Conv,
+    Layer,
+    channel_axis,
+    check_precision,
+    resolve_conv_impl,
+    resolve_layout,
+)
 from drsformer_jax.model.feedforward import MixedScaleFeedForward
 from drsformer_jax.model.initializers import initial_value
 from drsformer_jax.model.mefc import MEFC
@@ -82,12 +89,17 @@ class DRSformer(nn.Module):
 
     Fields mirror the release's constructor; `use_mefc=False` is the variant
     without MEFC used for Rain200L and SPA-Data. `dtype` is the computation dtype
-    (parameters stay `param_dtype`); `remat` rematerialises each transformer
-    block and MEFC in the backward pass to save memory; `conv_impl` picks the
+    (parameters stay `param_dtype`); `remat` recomputes activations of each
+    transformer block and MEFC in the backward pass to save memory (`REMAT`: "blocks"
+    or True keeps only their inputs, "dots" their inputs and matmul outputs, the
+    elementwise work, normalisations and depthwise convolutions being recomputed);
+    `conv_impl` picks the
     depthwise / grouped convolution formulation and `layout` the activation
-    layout inside the model ("auto": NCHW on CPU, NHWC elsewhere; see
-    `convolution.py`). Input and output are NHWC whatever the layout, and the
-    parameters are the same.
+    layout inside the model ("auto": the platform's, see `for_platform` and
+    `convolution.FORMULATIONS`); `matmul_precision` is that of every matmul and
+    convolution but TKSA's scores, which are always at "highest" (None: JAX's
+    default; "highest" is true float32 on accelerators). Input and output are NHWC
+    whatever the layout, and the parameters are the same.
     """
 
     inp_channels: int = 3
@@ -101,23 +113,31 @@ class DRSformer(nn.Module):
     use_mefc: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     conv_impl: str = "auto"
     layout: str = "auto"
+    matmul_precision: str | None = None
 
     def config(self) -> dict[str, Any]:
         """The architecture fields as a JSON-friendly dict (no dtype / runtime choices)."""
         return model_config(self)
+
+    def for_platform(self, platform: str) -> DRSformer:
+        """This model with "auto" formulation and layout resolved for `platform` ("cpu",
+        "cuda", "tpu"): the program's own platform, which is not the host's default
+        backend when compiling for a mesh of other devices or exporting."""
+        return self.clone(conv_impl=resolve_conv_impl(self.conv_impl, platform),
+                          layout=resolve_layout(self.layout, platform))
 
     @nn.compact
     def __call__(self, inp: jax.Array) -> jax.Array:
         self._check_input(inp)
         cf = resolve_layout(self.layout) == "NCHW"
         cax = channel_axis(cf)
-        kw = dict(channels_first=cf, conv_impl=self.conv_impl, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
-        block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
-        mefc_cls = nn.remat(MEFC) if self.remat else MEFC
+        kw = dict(channels_first=cf, conv_impl=resolve_conv_impl(self.conv_impl),
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=check_precision(self.matmul_precision))
+        block_cls, mefc_cls = (remat_policy(self.remat)(c) for c in (TransformerBlock, MEFC))
 
         def level(x: jax.Array, name: str, depth: int, dim: int, heads: int) -> jax.Array:
             for i in range(depth):
@@ -171,6 +191,22 @@ class DRSformer(nn.Module):
             raise ValueError("the global residual needs out_channels == inp_channels")
 
 
+# What `remat` may be: False / "none", True / "blocks", "dots".
+REMAT = ("none", "blocks", "dots")
+
+
+def remat_policy(remat: bool | str) -> Any:
+    """module class -> the class with `remat`'s rematerialisation (see `DRSformer`)."""
+    mode = {False: "none", True: "blocks"}.get(remat, remat)
+    if mode not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT} (or a bool), got {remat!r}")
+    if mode == "none":
+        return lambda cls: cls
+    if mode == "blocks":
+        return nn.remat
+    return lambda cls: nn.remat(cls, policy=jax.checkpoint_policies.dots_saveable)
+
+
 ARCH_FIELDS = ("inp_channels", "out_channels", "dim", "num_blocks", "heads",
                "ffn_expansion_factor", "bias", "layernorm_type", "use_mefc")
 
@@ -184,7 +220,7 @@ def model_config(model: DRSformer) -> dict[str, Any]:
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 # How the model runs, not what it is: not recorded in checkpoints.
-RUNTIME_FIELDS = ("dtype", "remat", "conv_impl", "layout")
+RUNTIME_FIELDS = ("dtype", "remat", "conv_impl", "layout", "matmul_precision")
 
 
 def from_config(config: Mapping[str, Any], *, strict: bool = True,

@@ -52,7 +52,8 @@ class Expert(Layer):
             scale1, pw1, scale2, pw2 = (
                 ConvKernel(c, name=name, **kw)(1 if name.startswith("dw") else c)[0, 0]
                 for name in ("dw1", "pw1", "dw2", "pw2"))
-            z = nn.relu(pointwise(x.astype(self.dtype), (scale1.T * pw1).astype(self.dtype), cf))
+            z = nn.relu(pointwise(x.astype(self.dtype), (scale1.T * pw1).astype(self.dtype), cf,
+                                  self.precision))
             return z, scale2.T * pw2
         if self.kind.startswith("sep_conv"):
             x = DepthwiseConv(c, k, name="dw1", **kw)(x)
@@ -115,7 +116,8 @@ class MEFC(Layer):
         hidden = 2 * self.steps * num_ops
         # The router is tiny; it runs in at least float32 whatever the computation dtype.
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        dense = dict(kernel_init=torch_default_init, param_dtype=self.param_dtype, dtype=acc)
+        dense = dict(kernel_init=torch_default_init, param_dtype=self.param_dtype, dtype=acc,
+                     precision=self.precision)
         y = jnp.mean(x.astype(acc), axis=(2, 3) if cf else (1, 2))
         y = nn.relu(nn.Dense(hidden, bias_init=torch_bias_init(c), name="router_fc1",
                              **dense)(y))
@@ -131,7 +133,7 @@ class MEFC(Layer):
             fuse = ConvKernel(c, name=f"step_{s}_fuse", **kw)(num_ops * c)[0, 0]
             kernel = fold_expert_kernels(fuse, kernels, weights[:, s], acc)
             z = jnp.concatenate(zs, axis=channel_axis(cf))  # all in self.dtype
-            fused = nn.relu(pointwise(z, kernel.astype(self.dtype), cf))
+            fused = nn.relu(pointwise(z, kernel.astype(self.dtype), cf, self.precision))
             x = nn.relu(fused + x)
         return x
 

@@ -22,7 +22,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from drsformer_jax.evaluation import metrics
@@ -184,11 +184,23 @@ class CompiledStep:
     batch_sharding: NamedSharding
 
 
-def make_train_step(config: Any, model: DRSformer, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> CompiledStep:
-    """`train_step` jitted over `mesh` as training runs it (the benchmark times this too).
+def mesh_platform(mesh: Mesh | AbstractMesh) -> str:
+    """The platform of a mesh's devices ("cpu", "cuda", "tpu"); an `AbstractMesh` (to
+    lower for a platform this host does not have) says it with its abstract device."""
+    if isinstance(mesh, AbstractMesh):
+        if mesh.abstract_device is None:
+            raise ValueError("an AbstractMesh needs an abstract_device naming its platform")
+        return mesh.abstract_device.platform
+    return mesh.devices.flat[0].platform
 
-    The batch is sharded along 'data', the state replicated and donated.
+
+def make_train_step(config: Any, model: DRSformer, tx: optax.GradientTransformation,
+                    mesh: Mesh | AbstractMesh) -> CompiledStep:
+    """`train_step` jitted over `mesh` as training runs it (the benchmark and the
+    deviceless compile report build it here too).
+
+    The batch is sharded along 'data', the state replicated and donated. The model's
+    "auto" formulation is the one of the mesh's platform.
     """
     n_devices = mesh.shape["data"]
     global_batch = int(config.global_batch_size)
@@ -196,11 +208,12 @@ def make_train_step(config: Any, model: DRSformer, tx: optax.GradientTransformat
         raise TrainingError(f"global_batch_size {global_batch} must be a multiple of the "
                             f"number of devices ({n_devices})")
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = functools.partial(train_step, model=model, tx=tx,
+    platform = mesh_platform(mesh)
+    step = functools.partial(train_step, model=model.for_platform(platform), tx=tx,
                              learning_rate_fn=create_learning_rate_fn(config))
     fn = jax.jit(step, in_shardings=(replicated, batch_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=0,
-                 compiler_options=train_compiler_options(mesh.devices.flat[0].platform))
+                 compiler_options=train_compiler_options(platform))
     return CompiledStep(fn, replicated, batch_sharding)
 
 

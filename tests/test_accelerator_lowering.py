@@ -1,0 +1,68 @@
+"""The train step as `train_and_evaluate` builds it, lowered for TPU and GPU from this CPU
+host (no accelerator, no libtpu: an `AbstractMesh` names the platform): each platform's
+program has the formulation `FORMULATIONS` gives it, not the host's."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from drsformer_jax.benchmark import RELEASE_OPTIM
+from drsformer_jax.model.convolution import FORMULATIONS
+from drsformer_jax.train import trainer
+
+DEVICES = 4
+
+
+def lowered_train_step(platform: str, **fields) -> str:
+    config = ml_collections.ConfigDict(dict(
+        RELEASE_OPTIM, global_batch_size=DEVICES, dim=8, num_blocks=(1, 1, 1, 1),
+        heads=(1, 1, 2, 2), **fields))
+    model, tx = trainer.create_model(config), trainer.create_optimizer(config)
+    device = AbstractDevice(device_kind=f"abstract {platform}", num_cores=1, platform=platform)
+    mesh = AbstractMesh((DEVICES,), ("data",), abstract_device=device)
+    step = trainer.make_train_step(config, model, tx, mesh)
+    state = jax.eval_shape(lambda: trainer.create_train_state(config, model, tx))
+    image = jax.ShapeDtypeStruct((DEVICES, 16, 16, 3), jnp.float32)
+    traced = step.fn.trace(state, {"input": image, "target": image})
+    return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+def formulation(text: str) -> tuple[str, str]:
+    """(conv_impl, layout) of a lowered program: grouped convolutions are "xla"'s, and
+    the dense 3x3 convolutions' dimension numbers give the layout."""
+    grouped = [int(n) for n in re.findall(r"feature_group_count = (\d+)", text) if int(n) > 1]
+    layouts = set(re.findall(r"dim_numbers = \[(b, 0, 1, f|b, f, 0, 1)\]", text))
+    assert len(layouts) == 1, layouts
+    return ("xla" if grouped else "shift",
+            "NHWC" if layouts == {"b, 0, 1, f"} else "NCHW")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda", "cpu"])
+def test_train_step_lowered_for_a_platform_has_its_formulation(platform):
+    key = platform if platform in FORMULATIONS else "gpu"
+    assert formulation(lowered_train_step(platform)) == FORMULATIONS[key]
+
+
+def test_an_explicit_formulation_wins_over_the_platform():
+    text = lowered_train_step("tpu", conv_impl="xla", layout="NCHW")
+    assert formulation(text) == ("xla", "NCHW")
+
+
+def test_matmul_precision_reaches_the_program():
+    """"highest" marks every dot and convolution; TKSA's scores are highest anyway."""
+    default = lowered_train_step("cuda", matmul_precision="default")
+    highest = lowered_train_step("cuda", matmul_precision="highest")
+    ops = len(re.findall(r"stablehlo\.(dot_general|convolution)", highest))
+    assert 0 < count(default) < ops
+    assert count(highest) == ops
+
+
+def count(text: str) -> int:
+    """Dots and convolutions at HIGHEST precision in a lowered program."""
+    return len(re.findall(r"precision = \[HIGHEST, HIGHEST\]|precision_config = "
+                          r"\[#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>\]",
+                          text))
