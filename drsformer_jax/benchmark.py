@@ -82,7 +82,8 @@ def _inputs(batch: int, height: int, width: int, seed: int = 0) -> tuple[np.ndar
 def build_model(args: argparse.Namespace) -> DRSformer:
     return from_config(dict(dim=args.dim, num_blocks=args.num_blocks, heads=args.heads,
                             use_mefc=args.use_mefc, dtype=args.dtype, remat=args.remat,
-                            conv_impl=args.conv_impl, layout=args.layout))
+                            conv_impl=args.conv_impl, layout=args.layout,
+                            matmul_precision=args.matmul_precision))
 
 
 def _block(tree: Any) -> Any:
@@ -259,6 +260,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="activation layout inside the model")
     p.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
                    help="depthwise / grouped convolution formulation")
+    p.add_argument("--matmul-precision", choices=("default", "high", "highest"),
+                   default="default",
+                   help="of matmuls and convolutions: default is TF32 on recent NVIDIA GPUs "
+                        "and bfloat16 passes on TPUs; highest is true float32")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls after the first call, before the timed ones")
     p.add_argument("--no-mefc", dest="use_mefc", action="store_false",
@@ -305,7 +310,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "jax_version": jax.__version__,
         "height": args.height, "width": args.width, "batch": args.batch, "dtype": args.dtype,
         "steps": args.steps, "warmup": args.warmup, "remat": args.remat,
-        "layout": resolve_layout(args.layout), "conv_impl": resolve_conv_impl(args.conv_impl),
+        "matmul_precision": args.matmul_precision,
+        "layout": resolve_layout(args.layout, device.platform),
+        "conv_impl": resolve_conv_impl(args.conv_impl, device.platform),
         "model": model.config(), "params": count_params(params),
         "command": "python -m drsformer_jax.benchmark " + " ".join(args.argv),
     }

@@ -2,6 +2,7 @@
 host (no accelerator, no libtpu: an `AbstractMesh` names the platform): each platform's
 program has the formulation `FORMULATIONS` gives it, not the host's."""
 
+import functools
 import re
 
 import jax
@@ -17,6 +18,7 @@ from drsformer_jax.train import trainer
 DEVICES = 4
 
 
+@functools.cache  # a lowering is shared by the tests that read it
 def lowered_train_step(platform: str, **fields) -> str:
     config = ml_collections.ConfigDict(dict(
         RELEASE_OPTIM, global_batch_size=DEVICES, dim=8, num_blocks=(1, 1, 1, 1),
