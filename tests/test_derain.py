@@ -132,12 +132,18 @@ def test_output_names_are_unique():
 
 
 class FakeModel:
-    """Stands in for DRSformer: `dim` and `apply`; records the shapes it is compiled for."""
+    """Stands in for DRSformer: `dim`, `for_platform` and `apply`; records the shapes it
+    is compiled for and the platform it was made for."""
 
     dim = 8
 
     def __init__(self):
         self.traced = []
+        self.platform = None
+
+    def for_platform(self, platform):
+        self.platform = platform
+        return self
 
     def apply(self, variables, x):
         self.traced.append(tuple(x.shape))
@@ -191,9 +197,12 @@ def test_batches_compile_one_program_per_size():
 def test_auto_tiling_when_memory_is_short():
     gib = 2 ** 30
     assert inference.estimate_memory(48, 100, 200, 2, "cpu") == 600 * 48 * 100 * 200 * 2
-    assert inference.estimate_memory(48, 100, 200, 1, "gpu") == 1400 * 48 * 100 * 200
+    assert inference.estimate_memory(48, 100, 200, 1, "tpu") == 200 * 48 * 100 * 200
+    assert inference.estimate_memory(48, 100, 200, 1, "cuda") == 260 * 48 * 100 * 200
     need = inference.estimate_memory(FakeModel.dim, 200, 304)
-    roomy = inference.Restorer(FakeModel(), VARIABLES, memory_limit=need)
+    model = FakeModel()
+    roomy = inference.Restorer(model, VARIABLES, memory_limit=need)
+    assert model.platform == jax.local_devices()[0].platform  # the device it runs on
     assert roomy.plan(200, 300).tile is None
     limit = inference.estimate_memory(FakeModel.dim, 128, 128)
     short = inference.Restorer(FakeModel(), VARIABLES, memory_limit=limit, batch_size=8)

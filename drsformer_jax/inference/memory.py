@@ -11,16 +11,15 @@ import jax
 # Memory of a forward pass (float32) beyond the weights, in bytes per pixel per unit
 # of the model's `dim`; batch elements add up. Measured, then rounded up:
 # - "cpu": the rise of the process's peak resident memory over one pass (programs
-#   loaded from the compilation cache): the released model (dim 48, MEFC) 313 bytes
-#   at 256x384 and 492 at 128x192 (a fixed part weighs more there), dim 16 without
-#   MEFC 259..295 at 256x256 and 488x328.
-# - any other backend: XLA's buffer assignment,
-#   `jax.jit(model.apply).lower(x).compile().memory_analysis().temp_size_in_bytes`,
-#   which a device allocator reserves in full: 1274..1361 bytes (dim 8 and 48, with
-#   or without MEFC, 64x64 and 128x128; from the CPU compiler: no GPU was at hand).
+#   loaded from the compilation cache): the released model 313 bytes at 256x384 and
+#   492 at 128x192 (a fixed part weighs more there), dim 16 without MEFC 259..295.
+# - "tpu" and GPUs ("default"): XLA's buffer assignment of the platform's own
+#   formulation, compiled for the chip from a CPU host (`compile_report`):
+#   temporaries grow by ~143 (TPU v5e) and ~173 (H100) bytes per pixel per dim from
+#   256x256 to 512x512; no GPU autotuning then, so GPUs keep a larger margin.
 #   Should a pass still run out of device memory, `restore_jobs` retries it one
 #   image at a time, then with smaller tiles (`Restorer.after_out_of_memory`).
-BYTES_PER_PIXEL_PER_DIM = {"cpu": 600, "default": 1400}
+BYTES_PER_PIXEL_PER_DIM = {"cpu": 600, "tpu": 200, "default": 260}
 MEMORY_FRACTION = 0.8  # of the free memory a pass may plan to use: room for XLA's extras
 
 
@@ -29,7 +28,7 @@ def estimate_memory(dim: int, height: int, width: int, batch: int = 1,
     """Bytes a forward pass of a batch of (height, width) images needs beyond the weights.
 
     The documented rule: BYTES_PER_PIXEL_PER_DIM[backend] * dim * height * width *
-    batch, backend defaulting to JAX's default backend.
+    batch, backend ("cpu", "tpu", "cuda", ...) defaulting to JAX's default backend.
     """
     backend = backend or jax.default_backend()
     per_pixel = BYTES_PER_PIXEL_PER_DIM.get(backend, BYTES_PER_PIXEL_PER_DIM["default"])
