@@ -68,3 +68,22 @@ def count(text: str) -> int:
     return len(re.findall(r"precision = \[HIGHEST, HIGHEST\]|precision_config = "
                           r"\[#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>\]",
                           text))
+
+
+def test_a_batch_that_does_not_split_over_a_pod_names_the_fix():
+    """The release's batch of 16 on a 32-chip slice: one line with the smallest batch that
+    splits and the learning rate scaled linearly with it."""
+    config = ml_collections.ConfigDict(dict(RELEASE_OPTIM, global_batch_size=16, dim=8,
+                                            num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2)))
+    model, tx = trainer.create_model(config), trainer.create_optimizer(config)
+    device = AbstractDevice(device_kind="abstract tpu", num_cores=1, platform="tpu")
+    mesh = AbstractMesh((32,), ("data",), abstract_device=device)
+    with pytest.raises(trainer.TrainingError) as error:
+        trainer.make_train_step(config, model, tx, mesh)
+    message = str(error.value)
+    assert "\n" not in message and "over the 32 devices" in message
+    assert "--config.global_batch_size=32" in message
+    assert "--config.learning_rate=0.0006" in message
+    config.global_batch_size = 40  # not a multiple either: the next one up
+    with pytest.raises(trainer.TrainingError, match="global_batch_size=64;.*0.00048"):
+        trainer.make_train_step(config, model, tx, mesh)

@@ -184,6 +184,20 @@ class CompiledStep:
     batch_sharding: NamedSharding
 
 
+def check_batch_splits(config: Any, devices: int) -> None:
+    """TrainingError unless the global batch is a multiple of the device count; it names
+    the smallest batch that is and the learning rate scaled with it (the linear rule)."""
+    batch = int(config.global_batch_size)
+    if batch % devices == 0:
+        return
+    valid = -(-batch // devices) * devices
+    lr = float(config.learning_rate) * valid / batch
+    raise TrainingError(
+        f"global_batch_size {batch} does not split over the {devices} devices: the smallest "
+        f"that does is --config.global_batch_size={valid}; with the usual linear scaling "
+        f"of the learning rate, --config.learning_rate={lr:.3g}")
+
+
 def mesh_platform(mesh: Mesh | AbstractMesh) -> str:
     """The platform of a mesh's devices ("cpu", "cuda", "tpu"); an `AbstractMesh` (to
     lower for a platform this host does not have) says it with its abstract device."""
@@ -202,11 +216,7 @@ def make_train_step(config: Any, model: DRSformer, tx: optax.GradientTransformat
     The batch is sharded along 'data', the state replicated and donated. The model's
     "auto" formulation is the one of the mesh's platform.
     """
-    n_devices = mesh.shape["data"]
-    global_batch = int(config.global_batch_size)
-    if global_batch % n_devices:
-        raise TrainingError(f"global_batch_size {global_batch} must be a multiple of the "
-                            f"number of devices ({n_devices})")
+    check_batch_splits(config, mesh.shape["data"])
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     platform = mesh_platform(mesh)
     step = functools.partial(train_step, model=model.for_platform(platform), tx=tx,
