@@ -88,7 +88,7 @@ def platform_model(fixture, platform, dtype):
 @pytest.mark.parametrize("platform", sorted(FORMULATIONS))
 def test_float64_each_platform_formulation(fixture, platform, x64):
     model, variables = platform_model(fixture, platform, jnp.float64)
-    assert (model.conv_impl, model.layout) == FORMULATIONS[platform]
+    assert (model.conv_impl, model.layout, model.recompute) == FORMULATIONS[platform]
     out = jax.jit(model.apply)(variables, jnp.asarray(fixture["input"], jnp.float64))
     assert np.abs(np.asarray(out) - release_output64(fixture, "mefc")).max() <= 1e-9
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -50,12 +50,22 @@ Dtype = Any
 CONV_IMPLS = ("auto", "xla", "shift")
 LAYOUTS = ("auto", "NHWC", "NCHW")
 PRECISIONS = (None, "default", "high", "highest")
-# (conv_impl, layout) that "auto" means per platform, chosen from the compiled
-# programs' memory and traffic (docs/performance.md); other platforms: "gpu".
-FORMULATIONS = {"cpu": ("shift", "NCHW"), "tpu": ("shift", "NHWC"), "gpu": ("xla", "NHWC")}
+class Formulation(NamedTuple):
+    conv_impl: str
+    layout: str
+    recompute: bool  # MSFN's branches and MEFC's steps recomputed in the backward pass
 
 
-def _formulation(platform: str | None) -> tuple[str, str]:
+# What "auto" means per platform, chosen from the compiled programs' memory and
+# traffic (docs/accelerators.md); other platforms: "gpu". Recomputing MSFN's branches
+# and MEFC's steps saves accelerator memory; on CPU it would cost train-step time.
+FORMULATIONS = {"cpu": Formulation("shift", "NCHW", False),
+                "tpu": Formulation("shift", "NHWC", True),
+                "gpu": Formulation("xla", "NHWC", True)}
+
+
+def formulation(platform: str | None = None) -> Formulation:
+    """The formulation of `platform` (default: JAX's default backend)."""
     platform = platform or jax.default_backend()
     return FORMULATIONS.get(platform, FORMULATIONS["gpu"])
 
@@ -64,14 +74,14 @@ def resolve_conv_impl(impl: str, platform: str | None = None) -> str:
     """Maps "auto" to the formulation of `platform` (default: JAX's default backend)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    return _formulation(platform)[0] if impl == "auto" else impl
+    return formulation(platform).conv_impl if impl == "auto" else impl
 
 
 def resolve_layout(layout: str, platform: str | None = None) -> str:
     """Maps "auto" to the activation layout of `platform` (default: JAX's default backend)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return _formulation(platform)[1] if layout == "auto" else layout
+    return formulation(platform).layout if layout == "auto" else layout
 
 
 def check_precision(precision: str | None) -> str | None:

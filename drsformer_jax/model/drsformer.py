@@ -18,6 +18,7 @@ from drsformer_jax.model.convolution import (
     Layer,
     channel_axis,
     check_precision,
+    formulation,
     resolve_conv_impl,
     resolve_layout,
 )
@@ -55,6 +56,7 @@ class TransformerBlock(Layer):
     ffn_expansion_factor: float = 2.66
     use_bias: bool = False
     layernorm_type: str = "WithBias"
+    recompute: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -62,8 +64,9 @@ class TransformerBlock(Layer):
         ln = dict(kind=self.layernorm_type, **kw)
         x = x + TopKSparseAttention(self.dim, self.num_heads, self.use_bias,
                                     name="attn", **kw)(LayerNorm(name="norm1", **ln)(x))
-        return x + MixedScaleFeedForward(self.dim, self.ffn_expansion_factor, self.use_bias,
-                                         name="ffn", **kw)(LayerNorm(name="norm2", **ln)(x))
+        ffn = MixedScaleFeedForward(self.dim, self.ffn_expansion_factor, self.use_bias,
+                                    self.recompute, name="ffn", **kw)
+        return x + ffn(LayerNorm(name="norm2", **ln)(x))
 
 
 class Resample(Layer):
@@ -96,7 +99,10 @@ class DRSformer(nn.Module):
     `conv_impl` picks the
     depthwise / grouped convolution formulation and `layout` the activation
     layout inside the model ("auto": the platform's, see `for_platform` and
-    `convolution.FORMULATIONS`); `matmul_precision` is that of every matmul and
+    `convolution.FORMULATIONS`), as is `recompute` (MSFN's depthwise branches and
+    MEFC's steps run again in the backward pass instead of keeping their
+    activations: less memory, a little more time; off on CPU);
+    `matmul_precision` is that of every matmul and
     convolution but TKSA's scores, which are always at "highest" (None: JAX's
     default; "highest" is true float32 on accelerators). Input and output are NHWC
     whatever the layout, and the parameters are the same.
@@ -117,6 +123,7 @@ class DRSformer(nn.Module):
     conv_impl: str = "auto"
     layout: str = "auto"
     matmul_precision: str | None = None
+    recompute: bool | str = "auto"
 
     def config(self) -> dict[str, Any]:
         """The architecture fields as a JSON-friendly dict (no dtype / runtime choices)."""
@@ -127,7 +134,13 @@ class DRSformer(nn.Module):
         "cuda", "tpu"): the program's own platform, which is not the host's default
         backend when compiling for a mesh of other devices or exporting."""
         return self.clone(conv_impl=resolve_conv_impl(self.conv_impl, platform),
-                          layout=resolve_layout(self.layout, platform))
+                          layout=resolve_layout(self.layout, platform),
+                          recompute=self._recompute(platform))
+
+    def _recompute(self, platform: str | None = None) -> bool:
+        if self.recompute == "auto":
+            return formulation(platform).recompute
+        return bool(self.recompute)
 
     @nn.compact
     def __call__(self, inp: jax.Array) -> jax.Array:
@@ -138,11 +151,12 @@ class DRSformer(nn.Module):
                   dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=check_precision(self.matmul_precision))
         block_cls, mefc_cls = (remat_policy(self.remat)(c) for c in (TransformerBlock, MEFC))
+        recompute = self._recompute()
 
         def level(x: jax.Array, name: str, depth: int, dim: int, heads: int) -> jax.Array:
             for i in range(depth):
                 x = block_cls(dim, heads, self.ffn_expansion_factor, self.bias,
-                              self.layernorm_type, name=f"{name}_{i}", **kw)(x)
+                              self.layernorm_type, recompute, name=f"{name}_{i}", **kw)(x)
             return x
 
         d = self.dim
@@ -152,7 +166,7 @@ class DRSformer(nn.Module):
             x = jnp.transpose(x, (0, 3, 1, 2))
         x = Conv(d, 3, name="patch_embed", **kw)(x)
         if self.use_mefc:
-            x = mefc_cls(name="encoder_level0", **kw)(x)
+            x = mefc_cls(recompute=recompute, name="encoder_level0", **kw)(x)
         e1 = level(x, "encoder_level1", nb[0], d, nh[0])
         e2 = level(Resample(False, name="down1_2", **kw)(e1), "encoder_level2", nb[1], 2 * d, nh[1])
         e3 = level(Resample(False, name="down2_3", **kw)(e2), "encoder_level3", nb[2], 4 * d, nh[2])
@@ -168,7 +182,7 @@ class DRSformer(nn.Module):
         x = jnp.concatenate([Resample(True, name="up2_1", **kw)(x), e1], axis=cax)
         x = level(x, "decoder_level1", nb[0], 2 * d, nh[0])
         if self.use_mefc:
-            x = mefc_cls(name="refinement", **kw)(x)
+            x = mefc_cls(recompute=recompute, name="refinement", **kw)(x)
         x = Conv(self.out_channels, 3, use_bias=self.bias, name="output", **kw)(x)
         if cf:
             x = jnp.transpose(x, (0, 2, 3, 1))
@@ -220,7 +234,7 @@ def model_config(model: DRSformer) -> dict[str, Any]:
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 # How the model runs, not what it is: not recorded in checkpoints.
-RUNTIME_FIELDS = ("dtype", "remat", "conv_impl", "layout", "matmul_precision")
+RUNTIME_FIELDS = ("dtype", "remat", "conv_impl", "layout", "matmul_precision", "recompute")
 
 
 def from_config(config: Mapping[str, Any], *, strict: bool = True,

@@ -107,6 +107,7 @@ class MEFC(Layer):
     """
 
     steps: int = 4
+    recompute: bool = False  # each step runs again in the backward pass, keeping only its input
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -125,17 +126,26 @@ class MEFC(Layer):
                      name="router_fc2", **dense)(y)
         weights = jax.nn.softmax(y.reshape(b, self.steps, num_ops), axis=-1)
 
-        kw = self.options()
-        x = nn.relu(Conv(c, 1, name="preprocess", **kw)(x))
+        x = nn.relu(Conv(c, 1, name="preprocess", **self.options())(x))
         for s in range(self.steps):
-            zs, kernels = zip(*(Expert(kind, name=f"step_{s}_{kind}", **kw)(x)
-                                for kind in EXPERTS), strict=True)
-            fuse = ConvKernel(c, name=f"step_{s}_fuse", **kw)(num_ops * c)[0, 0]
-            kernel = fold_expert_kernels(fuse, kernels, weights[:, s], acc)
-            z = jnp.concatenate(zs, axis=channel_axis(cf))  # all in self.dtype
-            fused = nn.relu(pointwise(z, kernel.astype(self.dtype), cf, self.precision))
-            x = nn.relu(fused + x)
+            def step(mdl: MEFC, x: jax.Array, w: jax.Array, s: int = s) -> jax.Array:
+                return mdl._step(x, w, s)
+
+            x = (nn.remat(step) if self.recompute else step)(self, x, weights[:, s])
         return x
+
+    def _step(self, x: jax.Array, weights: jax.Array, s: int) -> jax.Array:
+        """Step s: x = ReLU(ReLU(fuse(experts(x))) + x), with router weights (N, E)."""
+        cf, kw = self.channels_first, self.options()
+        c = x.shape[channel_axis(cf)]
+        zs, kernels = zip(*(Expert(kind, name=f"step_{s}_{kind}", **kw)(x)
+                            for kind in EXPERTS), strict=True)
+        fuse = ConvKernel(c, name=f"step_{s}_fuse", **kw)(len(EXPERTS) * c)[0, 0]
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        kernel = fold_expert_kernels(fuse, kernels, weights, acc)
+        z = jnp.concatenate(zs, axis=channel_axis(cf))  # all in self.dtype
+        fused = nn.relu(pointwise(z, kernel.astype(self.dtype), cf, self.precision))
+        return nn.relu(fused + x)
 
 
 def fold_expert_kernels(fuse: jax.Array, kernels: tuple[jax.Array | None, ...],
