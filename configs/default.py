@@ -24,8 +24,7 @@ def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
     config.layernorm_type = "WithBias"
     config.use_mefc = True  # off for Rain200L and SPA-Data, as the release trained them
     config.dtype = "float32"  # computation dtype: "float32" or "bfloat16"
-    # Recompute activations in the backward pass to save memory: "none"; "dots" keeps the
-    # matmul outputs of each transformer block / MEFC; "blocks" keeps only their inputs.
+    # "blocks": rematerialise each transformer block / MEFC to save memory; or "none".
     config.remat = "none"
     config.conv_impl = "auto"  # depthwise/grouped conv formulation: auto, xla, shift
     config.layout = "auto"  # activations inside the model: auto (NCHW on CPU), NHWC, NCHW

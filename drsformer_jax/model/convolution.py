@@ -50,6 +50,8 @@ Dtype = Any
 CONV_IMPLS = ("auto", "xla", "shift")
 LAYOUTS = ("auto", "NHWC", "NCHW")
 PRECISIONS = (None, "default", "high", "highest")
+
+
 class Formulation(NamedTuple):
     conv_impl: str
     layout: str
@@ -82,6 +84,13 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return formulation(platform).layout if layout == "auto" else layout
+
+
+def resolve_recompute(recompute: bool | str, platform: str | None = None) -> bool:
+    """Maps "auto" to whether `platform` recomputes MSFN's branches and MEFC's steps."""
+    if recompute not in ("auto", True, False):
+        raise ValueError(f"recompute must be 'auto', True or False, got {recompute!r}")
+    return formulation(platform).recompute if recompute == "auto" else bool(recompute)
 
 
 def check_precision(precision: str | None) -> str | None:

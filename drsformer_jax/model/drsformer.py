@@ -18,9 +18,9 @@ from drsformer_jax.model.convolution import (
     Layer,
     channel_axis,
     check_precision,
-    formulation,
     resolve_conv_impl,
     resolve_layout,
+    resolve_recompute,
 )
 from drsformer_jax.model.feedforward import MixedScaleFeedForward
 from drsformer_jax.model.initializers import initial_value
@@ -92,20 +92,17 @@ class DRSformer(nn.Module):
 
     Fields mirror the release's constructor; `use_mefc=False` is the variant
     without MEFC used for Rain200L and SPA-Data. `dtype` is the computation dtype
-    (parameters stay `param_dtype`); `remat` recomputes activations of each
-    transformer block and MEFC in the backward pass to save memory (`REMAT`: "blocks"
-    or True keeps only their inputs, "dots" their inputs and matmul outputs, the
-    elementwise work, normalisations and depthwise convolutions being recomputed);
-    `conv_impl` picks the
-    depthwise / grouped convolution formulation and `layout` the activation
-    layout inside the model ("auto": the platform's, see `for_platform` and
-    `convolution.FORMULATIONS`), as is `recompute` (MSFN's depthwise branches and
-    MEFC's steps run again in the backward pass instead of keeping their
-    activations: less memory, a little more time; off on CPU);
-    `matmul_precision` is that of every matmul and
-    convolution but TKSA's scores, which are always at "highest" (None: JAX's
-    default; "highest" is true float32 on accelerators). Input and output are NHWC
-    whatever the layout, and the parameters are the same.
+    (parameters stay `param_dtype`); `remat` ("blocks" or True; "none" or False)
+    rematerialises each transformer block and MEFC in the backward pass, keeping
+    only their inputs; `conv_impl` picks the depthwise / grouped convolution
+    formulation and `layout` the activation layout inside the model ("auto": the
+    platform's, see `for_platform` and `convolution.FORMULATIONS`), as does
+    `recompute` (MSFN's depthwise branches and MEFC's steps run again in the
+    backward pass instead of keeping their activations: less memory, a little more
+    time; off on CPU); `matmul_precision` is that of every matmul and convolution
+    but TKSA's scores, which are always at "highest" (None: JAX's default;
+    "highest" is true float32 on accelerators). Input and output are NHWC whatever
+    the layout, and the parameters are the same.
     """
 
     inp_channels: int = 3
@@ -135,12 +132,7 @@ class DRSformer(nn.Module):
         backend when compiling for a mesh of other devices or exporting."""
         return self.clone(conv_impl=resolve_conv_impl(self.conv_impl, platform),
                           layout=resolve_layout(self.layout, platform),
-                          recompute=self._recompute(platform))
-
-    def _recompute(self, platform: str | None = None) -> bool:
-        if self.recompute == "auto":
-            return formulation(platform).recompute
-        return bool(self.recompute)
+                          recompute=resolve_recompute(self.recompute, platform))
 
     @nn.compact
     def __call__(self, inp: jax.Array) -> jax.Array:
@@ -151,7 +143,7 @@ class DRSformer(nn.Module):
                   dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=check_precision(self.matmul_precision))
         block_cls, mefc_cls = (remat_policy(self.remat)(c) for c in (TransformerBlock, MEFC))
-        recompute = self._recompute()
+        recompute = resolve_recompute(self.recompute)
 
         def level(x: jax.Array, name: str, depth: int, dim: int, heads: int) -> jax.Array:
             for i in range(depth):
@@ -205,8 +197,8 @@ class DRSformer(nn.Module):
             raise ValueError("the global residual needs out_channels == inp_channels")
 
 
-# What `remat` may be: False / "none", True / "blocks", "dots".
-REMAT = ("none", "blocks", "dots")
+# What `remat` may be: False / "none", True / "blocks".
+REMAT = ("none", "blocks")
 
 
 def remat_policy(remat: bool | str) -> Any:
@@ -214,11 +206,7 @@ def remat_policy(remat: bool | str) -> Any:
     mode = {False: "none", True: "blocks"}.get(remat, remat)
     if mode not in REMAT:
         raise ValueError(f"remat must be one of {REMAT} (or a bool), got {remat!r}")
-    if mode == "none":
-        return lambda cls: cls
-    if mode == "blocks":
-        return nn.remat
-    return lambda cls: nn.remat(cls, policy=jax.checkpoint_policies.dots_saveable)
+    return nn.remat if mode == "blocks" else (lambda cls: cls)
 
 
 ARCH_FIELDS = ("inp_channels", "out_channels", "dim", "num_blocks", "heads",
