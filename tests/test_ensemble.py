@@ -1,0 +1,134 @@
+"""Self-ensemble (8 flips / rotations) and tile blending: exact inverses, weights, seams."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drsformer_jax.inference import ensemble, tiling
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 8, 16, 3), (3, 24, 8, 1)])
+def test_inverse_transforms_are_exact_and_all_eight_differ(shape):
+    x = jnp.asarray(RNG.random(shape, dtype=np.float32))
+    versions = []
+    for k in range(ensemble.ENSEMBLE_SIZE):
+        y = ensemble.dihedral(x, k)
+        # 90-degree turns swap H and W; the others keep them.
+        assert y.shape[1:3] == ((shape[2], shape[1]) if k % 2 else shape[1:3])
+        assert np.array_equal(np.asarray(ensemble.inverse_dihedral(y, k)), np.asarray(x))
+        versions.append(np.asarray(y).ravel())
+    # Eight distinct orientations of a generic image (a repeated one would halve a weight).
+    assert len({v.tobytes() for v in versions}) == ensemble.ENSEMBLE_SIZE
+
+
+def test_orientations_match_numpy():
+    x = RNG.random((1, 8, 16, 3), dtype=np.float32)
+    for k in range(8):
+        want = np.rot90(x, k % 4, axes=(1, 2))
+        want = want[:, :, ::-1] if k >= 4 else want
+        np.testing.assert_array_equal(np.asarray(ensemble.dihedral(jnp.asarray(x), k)), want)
+    with pytest.raises(ValueError, match="0..7"):
+        ensemble.dihedral(jnp.asarray(x), 8)
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (8, 24)])
+def test_equivariant_model_gives_the_plain_output(hw):
+    """A per-pixel model commutes with every flip and rotation: the ensemble changes nothing."""
+    def forward(variables, x):
+        return variables["scale"] * x * x + 0.1
+    variables = {"scale": jnp.float32(1.7)}
+    x = jnp.asarray(RNG.random((2, *hw, 3), dtype=np.float32))
+    plain = np.asarray(forward(variables, x))
+    got = np.asarray(jax.jit(ensemble.self_ensemble(forward))(variables, x))
+    np.testing.assert_allclose(got, plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (8, 24)])
+def test_non_equivariant_model_is_averaged_over_the_eight(hw):
+    """A model that adds a left-to-right ramp: the ensemble is the mean of the eight
+    turned-back outputs (NumPy reference), so the ramp cancels out; one model call per
+    shape (one for a square, two for H != W)."""
+    calls = []
+
+    def forward(variables, x):
+        calls.append(x.shape)
+        ramp = jnp.linspace(0.0, 1.0, x.shape[2])[None, None, :, None]
+        return x + variables * ramp
+    x = RNG.random((2, *hw, 3), dtype=np.float32)
+    got = np.asarray(jax.jit(ensemble.self_ensemble(forward))(jnp.float32(0.5), jnp.asarray(x)))
+    want = np.zeros_like(x, np.float64)
+    for k in range(8):
+        t = np.rot90(x, k % 4, axes=(1, 2))
+        t = t[:, :, ::-1] if k >= 4 else t
+        out = t + 0.5 * np.linspace(0.0, 1.0, t.shape[2])[None, None, :, None]
+        out = out[:, :, ::-1] if k >= 4 else out
+        want += np.rot90(out, -(k % 4), axes=(1, 2))
+    np.testing.assert_allclose(got, want / 8, rtol=0, atol=1e-6)
+    assert np.abs(got - x - 0.25).max() < 1e-6  # ramps in all four directions: 0.5 / 2
+    h, w = hw
+    assert sorted(calls) == ([(16, h, w, 3)] if h == w else sorted([(8, h, w, 3), (8, w, h, 3)]))
+
+
+# --- tile blending ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blend", tiling.TILE_BLENDS)
+@pytest.mark.parametrize("size,tile,overlap", [
+    (200, 64, 16), (64, 64, 16), (72, 64, 16), (40, 16, 24), (100, 32, 0), (48, 16, 8)])
+def test_blend_weights_sum_to_one_everywhere(blend, size, tile, overlap):
+    origins, weights = tiling.blend_weights(size, tile, overlap, blend)
+    assert origins == tiling.tile_positions(size, tile, overlap)
+    total = np.zeros(size)
+    for o, w in zip(origins, weights, strict=True):
+        total[o:o + tile] += w
+    np.testing.assert_allclose(total, 1.0, rtol=0, atol=1e-12)
+    assert (weights > 0).all()
+
+
+def test_cosine_ramps_only_over_the_overlap():
+    origins, weights = tiling.blend_weights(112, 64, 16, "cosine")  # tiles at 0, 48
+    assert origins == [0, 48]
+    assert np.all(weights[0][:48] == 1.0) and np.all(weights[1][16:] == 1.0)
+    ramp = weights[1][:16]
+    assert np.all(np.diff(ramp) > 0) and ramp[0] < 0.01 and ramp[-1] > 0.99
+    _, box = tiling.blend_weights(112, 64, 16, "box")
+    assert np.all(box[1][:16] == 0.5)
+    with pytest.raises(ValueError, match="unknown tile blend"):
+        tiling.blend_weights(112, 64, 16, "gauss")
+
+
+def _disagreeing_tiles():
+    """A model whose tiles disagree by a constant each: identity plus the call's offset."""
+    offsets = iter(0.04 * np.sin(1.7 * np.arange(1, 1000)))
+
+    def forward(tiles):
+        return np.stack([t + next(offsets) for t in tiles])
+    return forward
+
+
+def test_cosine_leaves_a_smaller_seam_step_than_box():
+    img = RNG.random((100, 130, 3), dtype=np.float32) * 0.5 + 0.25
+    box = tiling.restore_tiled(_disagreeing_tiles(), img, 32, 8, 3, blend="box")
+    cosine = tiling.restore_tiled(_disagreeing_tiles(), img, 32, 8, 3, blend="cosine")
+    # The identity model's whole-image output is the image itself.
+    box_step, cosine_step = (tiling.seam_step(r, img, 32, 8) for r in (box, cosine))
+    assert box_step > 0.01  # box: a jump of the two tiles' offset difference at each border
+    assert cosine_step < box_step / 10
+    # Both are averages of the same tiles: equal where one tile covers a pixel alone.
+    assert np.allclose(box[:24, :24], cosine[:24, :24], atol=1e-6)
+
+
+def test_cosine_with_agreeing_tiles_is_the_whole_image():
+    img = RNG.random((50, 70, 3), dtype=np.float32)
+    got = tiling.restore_tiled(lambda t: t * 0.9 + 0.05, img, 16, 8, 4, blend="cosine")
+    np.testing.assert_allclose(got, img * 0.9 + 0.05, rtol=0, atol=1e-6)
+    assert tiling.seam_step(got, img * 0.9 + 0.05, 16, 8) < 1e-6
+
+
+def test_tile_borders():
+    assert tiling.tile_positions(112, 64, 16) == [0, 48]
+    assert tiling.tile_borders(112, 64, 16) == [48, 64]
+    assert tiling.tile_borders(64, 64, 16) == []
