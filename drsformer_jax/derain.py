@@ -69,7 +69,8 @@ def _add_restore_flags(parser: argparse.ArgumentParser) -> None:
                         default=inference.DEFAULT_TILE_OVERLAP,
                         help="overlap of neighbouring tiles (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive, default=1, metavar="B",
-                        help="images of one size (or tiles) per model call (default: 1)")
+                        help="images of one size (or tiles) per device per model call; "
+                             "each call is split over every local device (default: 1)")
     parser.add_argument("--buckets", action="store_true",
                         help="pad images to a few bucket sizes (sides rounded up by < 1/8) so "
                              "that mixed sizes share compiled programs; results differ "

@@ -566,3 +566,50 @@ def test_default_path_is_the_release_procedure(fixtures_dir):
     got = restorer.restore(list(x), plan)
     assert np.abs(np.stack(got) - want).max() <= 1e-5
     assert np.abs(want - x).mean() > 0.1  # teeth: the model changes the image
+
+
+# --- every local device ---------------------------------------------------------------------
+
+FOUR_DEVICES = """
+import sys
+import jax
+from drsformer_jax import derain, inference
+assert jax.local_device_count() == 4
+export, inputs, out, tiled = sys.argv[1:5]
+restorer = inference.make_restorer(export, batch_size=2, cache_dir="none")
+plan = restorer.plan(40, 48)
+assert plan.batch == 8, plan  # two per device
+for args in (["--input", inputs, "--output", out, "--batch-size", "2"],
+             ["--input", inputs, "--output", tiled, "--tile", "24", "--tile-overlap", "8"]):
+    assert derain.main(["--checkpoint", export, "--cache-dir", "none", *args]) == 0
+"""
+
+
+def test_four_devices_derain_like_one(tiny_export, tmp_path):
+    """derain's batches (and tiles) spread over 4 simulated devices give one device's PNGs."""
+    import os
+    import subprocess
+    import sys
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k, hw in enumerate([(40, 48)] * 3 + [(37, 53)]):
+        write_image(inputs / f"{k}.png", RNG.integers(0, 256, (*hw, 3)).astype(np.uint8))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(tiny_export), str(inputs),
+                           str(tmp_path / "four"), str(tmp_path / "four_tiled")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert jax.local_device_count() == 1
+    for flags, four in ((["--batch-size", "2"], "four"),
+                        (["--tile", "24", "--tile-overlap", "8"], "four_tiled")):
+        assert derain.main(["--checkpoint", str(tiny_export), "--input", str(inputs),
+                            "--output", str(tmp_path / "one"), "--cache-dir", "none",
+                            "--overwrite", *flags]) == 0
+        for k in range(4):
+            one = read_image(tmp_path / "one" / f"{k}.png").astype(int)
+            many = read_image(tmp_path / four / f"{k}.png").astype(int)
+            # Batching may change the last bit of a float, so a rounding edge by one level.
+            assert np.abs(one - many).max() <= 1 and (one != many).mean() < 0.01

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -34,3 +36,19 @@ def enable_compilation_cache(path: str | os.PathLike | None) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return folder
+
+
+@contextlib.contextmanager
+def using_compilation_cache(path: str | os.PathLike | None) -> Iterator[Path | None]:
+    """`enable_compilation_cache(path)` inside the block, the previous folder after it.
+
+    Training's evaluation keeps its forward programs without caching the train step.
+    """
+    previous = jax.config.jax_compilation_cache_dir
+    folder = None
+    with contextlib.suppress(OSError):  # an unusable folder: compile as before
+        folder = enable_compilation_cache(path)
+    try:
+        yield folder
+    finally:
+        enable_compilation_cache(previous)

@@ -7,9 +7,11 @@ with overlapping tiles averaged) -> clamp to [0, 1] -> crop back.
 `Restorer` adds what a folder of real photos needs: automatic tiling when a
 whole-image pass would not fit in memory (`memory.estimate_memory`), optional
 size buckets and batches, so that a folder of mixed sizes compiles a handful of
-programs; `make_restorer` also turns on the persistent compilation cache, so
-that a second run does not compile at all. Training's evaluation, `--mode
-evaluate` and `derain` all restore through a `Restorer`.
+programs; every call's batch is split over the local devices (an 8-GPU host
+restores eight images or tiles at once); `make_restorer` also turns on the
+persistent compilation cache, so that a second run does not compile at all.
+Training's evaluation, `--mode evaluate` and `derain` all restore through a
+`Restorer`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from drsformer_jax.checkpoints.loading import load
 from drsformer_jax.inference.cache import default_cache_dir, enable_compilation_cache
@@ -68,13 +70,17 @@ class Restorer:
       buckets: pad whole images to `bucket_size` instead of the next multiple of 8,
         so that images of similar sizes share a program (results differ slightly:
         see README).
-      batch_size: images (or tiles) per call; fewer when memory is short.
-      memory_limit: bytes a pass may use; None: MEMORY_FRACTION of `available_memory()`.
+      batch_size: images (or tiles) per device per call; fewer when memory is short.
+      memory_limit: bytes a pass may use on one device; None: MEMORY_FRACTION of
+        `available_memory()`.
+      devices: the devices a call's batch is split over; None: every local device.
+        Outputs equal one device's up to the rounding that batching itself changes.
     """
 
     def __init__(self, model: Any, variables: Any, *, tile: int | None = None,
                  tile_overlap: int = DEFAULT_TILE_OVERLAP, buckets: bool = False,
-                 batch_size: int = 1, memory_limit: int | None = None):
+                 batch_size: int = 1, memory_limit: int | None = None,
+                 devices: Sequence[jax.Device] | None = None):
         if tile is not None and (tile <= 0 or tile % SIZE_MULTIPLE):
             raise ValueError(f"tile size must be a positive multiple of {SIZE_MULTIPLE}, "
                              f"got {tile}")
@@ -83,7 +89,9 @@ class Restorer:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.dim = int(model.dim)
-        self.platform = jax.local_devices()[0].platform
+        devices = list(jax.local_devices() if devices is None else devices)
+        self.platform = devices[0].platform
+        self.mesh = Mesh(np.array(devices), ("batch",))
         model = model.for_platform(self.platform)
         self.tile, self.tile_overlap = tile, tile_overlap
         self.buckets, self.batch_size = buckets, batch_size
@@ -102,10 +110,15 @@ class Restorer:
 
     def set_variables(self, variables: Any) -> None:
         """Restores with these weights from now on (same shapes: nothing recompiles)."""
-        # One device, one plain layout: weights restored from a training checkpoint carry
-        # the training mesh's sharding, which would make a different program (and
-        # cache entry) from the same weights out of an export directory.
-        self._variables = jax.device_put(variables, jax.local_devices()[0])
+        # Replicated on this restorer's devices: weights restored from a training
+        # checkpoint carry the training mesh's sharding, which would make a different
+        # program (and cache entry) from the same weights out of an export directory.
+        self._variables = jax.device_put(variables, NamedSharding(self.mesh, PartitionSpec()))
+
+    @property
+    def device_count(self) -> int:
+        """How many devices share each call's batch."""
+        return int(self.mesh.size)
 
     def _fits(self, height: int, width: int, batch: int = 1) -> bool:
         return (self.memory_limit is None
@@ -113,10 +126,11 @@ class Restorer:
                 <= self.memory_limit)
 
     def _batch_for(self, height: int, width: int) -> int:
+        """Images per call: what fits one device (at most batch_size) on every device."""
         batch = self.batch_size
         while batch > 1 and not self._fits(height, width, batch):
             batch //= 2
-        return batch
+        return batch * self.device_count
 
     def plan(self, height: int, width: int) -> Plan:
         """The plan for an image of (height, width) pixels."""
@@ -140,18 +154,20 @@ class Restorer:
     def after_out_of_memory(self, plan: Plan) -> Plan | None:
         """The plan to retry with after `plan` ran out of memory; None: nothing smaller.
 
-        First one image (or tile) per call, then the next smaller tile of the ladder.
+        First one image (or tile) per device, then the next smaller tile of the ladder.
         """
-        if plan.batch > 1:
-            return dataclasses.replace(plan, batch=1, note=f"out of memory with batches of "
-                                       f"{plan.batch}: retrying one at a time")
+        one_each = self.device_count
+        if plan.batch > one_each:
+            return dataclasses.replace(plan, batch=one_each, note=f"out of memory with "
+                                       f"batches of {plan.batch}: retrying one at a time"
+                                       + (" per device" if one_each > 1 else ""))
         area = plan.size[0] * plan.size[1]
         smaller = [t for t in _TILE_LADDER if min(t, *plan.size) ** 2 < area]
         if not smaller:
             return None
         t = min(smaller[0], *plan.size)
-        return Plan((t, t), 1, smaller[0], f"out of memory at {plan.size[1]}x{plan.size[0]}: "
-                    f"retrying with {t}x{t} tiles, overlap {self.tile_overlap}")
+        return Plan((t, t), one_each, smaller[0], f"out of memory at {plan.size[1]}x"
+                    f"{plan.size[0]}: retrying with {t}x{t} tiles, overlap {self.tile_overlap}")
 
     def restore(self, images: Sequence[np.ndarray], plan: Plan,
                 group_size: int | None = None,
@@ -160,8 +176,9 @@ class Restorer:
 
         `group_size`: how many images of this plan the caller has in all (default:
         these). Calls run plan.batch images, padded with copies of the last one,
-        when the group fills a batch; a smaller group runs at the next power of two.
-        So a plan compiles one program, or a few powers of two for small groups.
+        when the group fills a batch; a smaller group runs at the next power of two
+        (times the device count). So a plan compiles one program, or a few for small
+        groups.
         Returns float32 images of the inputs' sizes, clamped to [0, 1].
         `on_tiles(done, total)`: the tiles of each tiled image, as they are run.
         """
@@ -176,7 +193,8 @@ class Restorer:
             chunk = images[start:start + plan.batch]
             x = np.stack([pad_to_multiple(np.asarray(im, np.float32), size=plan.size)
                           for im in chunk])
-            batch = plan.batch if full else _program_batch(len(chunk), plan.batch)
+            batch = (plan.batch if full
+                     else _program_batch(len(chunk), plan.batch, self.device_count))
             y = np.clip(self._run(x, batch), 0.0, 1.0)
             out += [y[i, :im.shape[0], :im.shape[1]] for i, im in enumerate(chunk)]
         return out
@@ -186,13 +204,15 @@ class Restorer:
         n = x.shape[0]
         if batch > n:
             x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
-        return np.asarray(self._apply(self._variables, jnp.asarray(x)))[:n]
+        x = jax.device_put(x, NamedSharding(self.mesh, PartitionSpec("batch")))
+        return np.asarray(self._apply(self._variables, x))[:n]
 
 
-
-def _program_batch(n: int, max_batch: int) -> int:
-    """The next power of two >= n, at most max_batch (and at least n)."""
-    return max(n, min(max_batch, 1 << (n - 1).bit_length()))
+def _program_batch(n: int, max_batch: int, devices: int = 1) -> int:
+    """The next power of two >= n, at most max_batch (and at least n), rounded up to a
+    multiple of `devices` (max_batch is one)."""
+    batch = max(n, min(max_batch, 1 << (n - 1).bit_length()))
+    return -(-batch // devices) * devices
 
 
 def make_restorer(checkpoint: str | os.PathLike, *, tile: int | None = None,

@@ -28,6 +28,7 @@ from drsformer_jax.checkpoints.loading import load_params
 from drsformer_jax.data import pipeline
 from drsformer_jax.evaluation.evaluator import evaluate_during_training
 from drsformer_jax.inference import Restorer
+from drsformer_jax.inference.cache import default_cache_dir, using_compilation_cache
 from drsformer_jax.model.drsformer import count_params, model_config
 from drsformer_jax.train.metric_writer import MetricWriter
 from drsformer_jax.train.trainer import (
@@ -257,8 +258,11 @@ class _Training:
             if index == 0:  # the first test image, restored by process 0
                 write_before_after(self.workdir / "before_after.png", rainy, restored, clean)
 
-        result = evaluate_during_training(self.restorer, self.eval_set,
-                                          str(self.config.eval_protocol), before_after)
+        # The forward programs go to the persistent cache, as derain's do: a resumed or
+        # second run evaluates without compiling them again.
+        with using_compilation_cache(jax.config.jax_compilation_cache_dir or default_cache_dir()):
+            result = evaluate_during_training(self.restorer, self.eval_set,
+                                              str(self.config.eval_protocol), before_after)
         _print(f"step {step}: eval PSNR {result['psnr']:.2f} dB (input {result['input_psnr']:.2f}"
                f" dB), SSIM {result['ssim']:.4f} (input {result['input_ssim']:.4f}) on "
                f"{len(self.eval_set)} images in {time.perf_counter() - start:.1f}s")
