@@ -2,7 +2,7 @@
 
     python main.py --config configs/rain200h.py --workdir DIR [--config.FIELD=VALUE ...]
     python main.py --config configs/rain200h.py --workdir DIR --mode evaluate \
-        [--checkpoint PATH] [--output DIR]
+        [--checkpoint PATH] [--output DIR] [--ensemble] [--tile_blend box|cosine]
 
 Starting again in the same workdir resumes from its latest checkpoint. On a
 TPU pod slice or several GPU hosts, run the same command on every host with
@@ -48,6 +48,12 @@ flags.DEFINE_string("checkpoint", None, "evaluate: export dir, workdir or checkp
                     "dir to evaluate (default: the workdir's best checkpoint by PSNR).")
 flags.DEFINE_string("output", None, "evaluate: folder for the derained PNGs and score.json "
                     "(default: WORKDIR/eval/<dataset>).")
+flags.DEFINE_bool("ensemble", False, "evaluate: x8 self-ensemble (8 flips / rotations "
+                  "averaged; 8x the time; not the paper's protocol).")
+flags.DEFINE_enum("tile_blend", "box", ["box", "cosine"], "evaluate: how the tiles of an "
+                  "image too large for memory are combined: box (the release's average) or "
+                  "cosine (smooth ramps, no seams).")
+flags.DEFINE_alias("tile-blend", "tile_blend")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,12 +71,15 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # orbax logs saves and read-only notes
     if FLAGS.mode == "evaluate":
         try:
-            evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.output)
+            evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.output,
+                                ensemble=FLAGS.ensemble, tile_blend=FLAGS.tile_blend)
         except (EvaluationError, ValueError) as e:  # Dataset/CheckpointError too
             raise SystemExit(f"error: {e}") from None
         return
-    if FLAGS.checkpoint is not None or FLAGS.output is not None:
-        raise app.UsageError("--checkpoint and --output are for --mode evaluate")
+    if FLAGS.checkpoint is not None or FLAGS.output is not None or FLAGS.ensemble \
+            or FLAGS.tile_blend != "box":
+        raise app.UsageError("--checkpoint, --output, --ensemble and --tile_blend are for "
+                             "--mode evaluate")
     if FLAGS.distributed:
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes,

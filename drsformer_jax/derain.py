@@ -1,7 +1,8 @@
 """Derain one image or a folder with a DRSformer checkpoint.
 
     python -m drsformer_jax.derain --checkpoint DIR --input PATH --output DIR
-        [--tile N [--tile-overlap 32]] [--batch-size B] [--buckets]
+        [--tile N [--tile-overlap 32] [--tile-blend box|cosine]] [--ensemble]
+        [--batch-size B] [--buckets]
         [--cache-dir DIR] [--memory-limit GIB] [--overwrite]
 
 Follows the release's test.py: RGB in [0, 1], reflect-pad bottom/right to a
@@ -59,8 +60,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_restore_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags that shape how images are run (tiles, batches, buckets, cache, memory)."""
+def add_restore_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape how images are run (tiles, batches, buckets, cache, memory,
+    ensemble); also reproduce's."""
     parser.add_argument("--tile", type=_positive_multiple_of_8, metavar="N",
                         help="run every image tile by tile with N x N tiles (a multiple of 8), "
                              "as the release's --tile; default: only images that would not "
@@ -68,6 +70,14 @@ def _add_restore_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-overlap", type=_non_negative, metavar="PX",
                         default=inference.DEFAULT_TILE_OVERLAP,
                         help="overlap of neighbouring tiles (default: %(default)s)")
+    parser.add_argument("--tile-blend", choices=inference.TILE_BLENDS, default="box",
+                        help="how overlapping tiles are combined: box, the release's average "
+                             "(default), or cosine, a smooth ramp over the overlap that "
+                             "leaves no seams where tiles disagree")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="x8 self-ensemble: every image (or tile) in its 8 flips and "
+                             "rotations, turned back and averaged; 8x the time, not the "
+                             "paper's protocol")
     parser.add_argument("--batch-size", type=_positive, default=1, metavar="B",
                         help="images of one size (or tiles) per device per model call; "
                              "each call is split over every local device (default: 1)")
@@ -121,7 +131,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder for the derained PNGs")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow --output to be the input folder (inputs are never replaced)")
-    _add_restore_flags(parser)
+    add_restore_flags(parser)
     args = parser.parse_args(None if argv is None else list(argv))
     quiet_library_logs()
     start, done = time.perf_counter(), 0
@@ -135,7 +145,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                 restorer = make_restorer(
                     args.checkpoint, tile=args.tile, tile_overlap=args.tile_overlap,
                     buckets=args.buckets, batch_size=args.batch_size,
-                    memory_limit_gib=args.memory_limit, cache_dir=args.cache_dir)
+                    memory_limit_gib=args.memory_limit, cache_dir=args.cache_dir,
+                    ensemble=args.ensemble, tile_blend=args.tile_blend)
             except ValueError as e:  # CheckpointError is a ValueError
                 raise _RefusedError(str(e)) from None
             done, failed = restore_jobs(restorer, jobs)

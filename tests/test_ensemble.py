@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from drsformer_jax import inference
 from drsformer_jax.inference import ensemble, tiling
 
 RNG = np.random.default_rng(3)
@@ -132,3 +133,46 @@ def test_tile_borders():
     assert tiling.tile_positions(112, 64, 16) == [0, 48]
     assert tiling.tile_borders(112, 64, 16) == [48, 64]
     assert tiling.tile_borders(64, 64, 16) == []
+
+
+# --- through the Restorer ----------------------------------------------------------------------
+
+
+class RampModel:
+    """Stands in for DRSformer: adds a left-to-right ramp, so orientation matters."""
+
+    dim = 8
+
+    def for_platform(self, platform):
+        return self
+
+    def apply(self, variables, x):
+        return x + variables["k"] * jnp.linspace(0.0, 1.0, x.shape[2])[None, None, :, None]
+
+
+def test_restorer_ensemble_averages_the_eight_orientations():
+    img = RNG.random((9, 20, 3), dtype=np.float32) * 0.5  # pads to 16 x 24: not square
+    variables = {"k": jnp.float32(0.4)}
+    plain, ens = (inference.Restorer(RampModel(), variables, ensemble=e, memory_limit=2 ** 50)
+                  for e in (False, True))
+    [got] = ens.restore([img], ens.plan(9, 20))
+    [base] = plain.restore([img], plain.plan(9, 20))
+    x = inference.pad_to_multiple(img)[None]
+    want = np.zeros_like(x, np.float64)
+    for k in range(8):
+        t = np.rot90(x, k % 4, axes=(1, 2))
+        t = t[:, :, ::-1] if k >= 4 else t
+        out = t + 0.4 * np.linspace(0.0, 1.0, t.shape[2])[None, None, :, None]
+        out = out[:, :, ::-1] if k >= 4 else out
+        want += np.rot90(out, -(k % 4), axes=(1, 2))
+    np.testing.assert_allclose(got, np.clip(want[0, :9, :20] / 8, 0, 1), rtol=0, atol=1e-6)
+    assert np.abs(got - base).max() > 0.1  # the plain pass keeps its ramp
+
+
+def test_ensemble_needs_eight_times_the_memory():
+    one_pass = inference.estimate_memory(8, 64, 64, 1, "cpu")
+    plans = [inference.Restorer(RampModel(), {"k": 0.0}, ensemble=e,
+                                memory_limit=2 * one_pass).plan(64, 64) for e in (False, True)]
+    assert plans[0].tile is None and plans[1].tile is not None
+    with pytest.raises(ValueError, match="unknown tile blend"):
+        inference.Restorer(RampModel(), {"k": 0.0}, tile_blend="gauss")

@@ -139,8 +139,12 @@ def evaluate_during_training(restorer: Restorer, pairs: PairSource, protocol: st
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                         checkpoint: str | os.PathLike | None = None,
-                        output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                        output_dir: str | os.PathLike | None = None, *, ensemble: bool = False,
+                        tile_blend: str = "box") -> dict[str, Any]:
     """Derains the config's test split, writes the PNGs and score.json, returns the scores.
+
+    `ensemble`, `tile_blend`: the Restorer's options (x8 self-ensemble, not the
+    paper's protocol; how tiles are blended where an image is tiled).
 
     Returns {"protocol": ..., "mean": {"psnr", "ssim"}, "images": {file name: {...}}},
     the document written to `<output>/score.json` (the layout of `score --json`).
@@ -168,7 +172,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     except OSError as e:
         raise EvaluationError(f"--output {out_dir}: cannot write there "
                               f"({e.strerror or e})") from None
-    restorer = make_restorer(source, conv_impl=str(config.get("conv_impl", "auto")))
+    restorer = make_restorer(source, conv_impl=str(config.get("conv_impl", "auto")),
+                             ensemble=ensemble, tile_blend=tile_blend)
     scores, failures = restore_pairs(restorer, pairs, range(count), protocol, out_dir=out_dir,
                                      desc=f"evaluate {dataset}")
     doc: dict[str, Any] = {"protocol": protocol, "mean": {}, "images": {}}

@@ -30,9 +30,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from drsformer_jax.checkpoints.loading import load
 from drsformer_jax.inference.cache import default_cache_dir, enable_compilation_cache
+from drsformer_jax.inference.ensemble import ENSEMBLE_SIZE, self_ensemble
 from drsformer_jax.inference.memory import MEMORY_FRACTION, available_memory, estimate_memory
 from drsformer_jax.inference.tiling import (
     DEFAULT_TILE_OVERLAP,
+    TILE_BLENDS,
     bucket_size,
     pad_to_multiple,
     padded_size,
@@ -75,12 +77,18 @@ class Restorer:
         `available_memory()`.
       devices: the devices a call's batch is split over; None: every local device.
         Outputs equal one device's up to the rounding that batching itself changes.
+      ensemble: x8 geometric self-ensemble (`ensemble.self_ensemble`): each image or
+        tile is run in its 8 flips / rotations as one batch, and the outputs are turned
+        back and averaged; 8x the work and memory per image; not the paper's protocol.
+      tile_blend: how overlapping tiles are combined: 'box' (the release's average) or
+        'cosine' (smooth ramps over the overlaps, no seams; `tiling.blend_weights`).
     """
 
     def __init__(self, model: Any, variables: Any, *, tile: int | None = None,
                  tile_overlap: int = DEFAULT_TILE_OVERLAP, buckets: bool = False,
                  batch_size: int = 1, memory_limit: int | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, ensemble: bool = False,
+                 tile_blend: str = "box"):
         if tile is not None and (tile <= 0 or tile % SIZE_MULTIPLE):
             raise ValueError(f"tile size must be a positive multiple of {SIZE_MULTIPLE}, "
                              f"got {tile}")
@@ -88,6 +96,9 @@ class Restorer:
             raise ValueError(f"tile overlap must be >= 0, got {tile_overlap}")
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if tile_blend not in TILE_BLENDS:
+            raise ValueError(f"unknown tile blend {tile_blend!r}; choose from "
+                             f"{', '.join(TILE_BLENDS)}")
         self.dim = int(model.dim)
         devices = list(jax.local_devices() if devices is None else devices)
         self.platform = devices[0].platform
@@ -95,13 +106,15 @@ class Restorer:
         model = model.for_platform(self.platform)
         self.tile, self.tile_overlap = tile, tile_overlap
         self.buckets, self.batch_size = buckets, batch_size
+        self.ensemble, self.tile_blend = ensemble, tile_blend
         # The variables are an argument, not a closure: closed-over arrays become
         # constants that XLA constant-folds, slowly and with different rounding, and
         # they would make the persistent cache key depend on the weights.
         def drsformer_forward(variables: Any, x: jax.Array) -> jax.Array:
             return model.apply(variables, x)
 
-        self._apply = jax.jit(drsformer_forward)
+        self._apply = jax.jit(self_ensemble(drsformer_forward) if ensemble
+                              else drsformer_forward)
         self.set_variables(variables)
         if memory_limit is None:
             free = available_memory()
@@ -122,7 +135,8 @@ class Restorer:
 
     def _fits(self, height: int, width: int, batch: int = 1) -> bool:
         return (self.memory_limit is None
-                or estimate_memory(self.dim, height, width, batch, self.platform)
+                or estimate_memory(self.dim, height, width,
+                                   batch * (ENSEMBLE_SIZE if self.ensemble else 1), self.platform)
                 <= self.memory_limit)
 
     def _batch_for(self, height: int, width: int) -> int:
@@ -185,7 +199,8 @@ class Restorer:
         if plan.tile is not None:
             # Tiles are always run plan.batch at a time: one program per tile size.
             run = functools.partial(self._run, batch=plan.batch)
-            return [restore_tiled(run, im, plan.tile, self.tile_overlap, plan.batch, on_tiles)
+            return [restore_tiled(run, im, plan.tile, self.tile_overlap, plan.batch, on_tiles,
+                                  blend=self.tile_blend)
                     for im in images]
         full = (group_size or len(images)) >= plan.batch
         out = []
@@ -218,7 +233,8 @@ def _program_batch(n: int, max_batch: int, devices: int = 1) -> int:
 def make_restorer(checkpoint: str | os.PathLike, *, tile: int | None = None,
                   tile_overlap: int = DEFAULT_TILE_OVERLAP, buckets: bool = False,
                   batch_size: int = 1, memory_limit_gib: float | None = None,
-                  cache_dir: str | os.PathLike | None = None, **load_kwargs: Any) -> Restorer:
+                  cache_dir: str | os.PathLike | None = None, ensemble: bool = False,
+                  tile_blend: str = "box", **load_kwargs: Any) -> Restorer:
     """Loads `checkpoint` into a Restorer (arguments: derain's restore flags).
 
     Turns the persistent compilation cache on first: `cache_dir`, or
@@ -235,4 +251,5 @@ def make_restorer(checkpoint: str | os.PathLike, *, tile: int | None = None,
     model, variables = load(checkpoint, **load_kwargs)
     limit = None if memory_limit_gib is None else int(memory_limit_gib * 2 ** 30)
     return Restorer(model, variables, tile=tile, tile_overlap=tile_overlap, buckets=buckets,
-                    batch_size=batch_size, memory_limit=limit)
+                    batch_size=batch_size, memory_limit=limit, ensemble=ensemble,
+                    tile_blend=tile_blend)
