@@ -1,0 +1,72 @@
+"""How far tiled results are from whole-image ones, and how visible their seams are.
+
+    python -m drsformer_jax.tile_seams --tiled DIR --whole DIR --tile 64 [--tile-overlap 16]
+
+Pairs the PNGs of two derain runs of the same images by name (one with --tile,
+one without) and prints per image, and as means: the PSNR of the tiled result
+against the whole-image one (MATLAB protocol, Y channel), and the largest seam
+step: over every tile border line (the tile geometry of derain's --tile and
+--tile-overlap), the mean absolute jump across the line of (tiled - whole), in
+8-bit gray levels (`inference.tiling.seam_step`). Exit status 1 when nothing pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from drsformer_jax.evaluation import metrics
+from drsformer_jax.evaluation.scores import ScoreError, _list_images, pair_files
+from drsformer_jax.inference.tiling import DEFAULT_TILE_OVERLAP, seam_step
+from drsformer_jax.utils.images import ImageReadError, read_rgb8
+
+
+def compare(tiled: np.ndarray, whole: np.ndarray, tile: int, overlap: int) -> dict[str, float]:
+    """{'psnr': tiled vs whole (Y, MATLAB), 'seam_step': largest seam step in gray levels}."""
+    psnr = metrics.evaluate(tiled, whole, "matlab")["psnr"]
+    return {"psnr": psnr, "seam_step": seam_step(tiled / 255.0, whole / 255.0, tile, overlap)
+            * 255.0}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m drsformer_jax.tile_seams",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--tiled", type=Path, required=True, metavar="DIR",
+                        help="derain's output with --tile")
+    parser.add_argument("--whole", type=Path, required=True, metavar="DIR",
+                        help="derain's output without --tile (same inputs)")
+    parser.add_argument("--tile", type=int, required=True, help="the --tile of the tiled run")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP,
+                        help="the --tile-overlap of the tiled run (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        pairs = pair_files(_list_images(args.tiled, "tiled"),
+                           _list_images(args.whole, "whole")).pairs
+    except ScoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    rows = []
+    for tiled, whole in pairs:
+        try:
+            a, b = read_rgb8(tiled), read_rgb8(whole)
+        except ImageReadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        rows.append(compare(a, b, args.tile, args.tile_overlap))
+        print(f"{tiled.name}: PSNR {rows[-1]['psnr']:.2f} dB, largest seam step "
+              f"{rows[-1]['seam_step']:.3f} gray levels")
+    if not rows:
+        print("error: no pairs of tiled and whole results", file=sys.stderr)
+        return 1
+    print(f"mean of {len(rows)}: PSNR {np.mean([r['psnr'] for r in rows]):.2f} dB, largest "
+          f"seam step {np.mean([r['seam_step'] for r in rows]):.3f} (max "
+          f"{max(r['seam_step'] for r in rows):.3f}) gray levels")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
