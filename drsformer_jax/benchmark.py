@@ -124,14 +124,18 @@ def _flops(compiled: Any) -> float | None:
 
 
 def _timed_program(compile_fn: Callable[[], Any], call: Callable[[Any], Any],
-                   steps: int, warmup: int) -> dict[str, Any]:
+                   steps: int, warmup: int,
+                   check: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Compiles once (timed), calls the compiled program once (timed: the first call),
     `warmup` more times, then `steps` timed calls. Every call goes to the one compiled
     executable, so nothing can recompile behind the timings (a changed argument type
-    would be an error, not a silent second compilation)."""
+    would be an error, not a silent second compilation). `check(compiled)` runs
+    before the first call and may raise to stop a program that would not fit."""
     start = time.perf_counter()
     compiled = compile_fn()
     compile_s = time.perf_counter() - start
+    if check is not None:
+        check(compiled)
     start = time.perf_counter()
     call(compiled)
     first_call_s = time.perf_counter() - start
@@ -144,16 +148,18 @@ def _timed_program(compile_fn: Callable[[], Any], call: Callable[[Any], Any],
             "peak_rss_bytes": _peak_rss_bytes()}
 
 
-def bench_jax_forward(model: DRSformer, params: Any, rainy: np.ndarray,
-                      steps: int, warmup: int = 1) -> dict[str, Any]:
+def bench_jax_forward(model: DRSformer, params: Any, rainy: np.ndarray, steps: int,
+                      warmup: int = 1,
+                      check: Callable[[Any], None] | None = None) -> dict[str, Any]:
     variables = {"params": params}
     x = jnp.asarray(rainy)
     return _timed_program(lambda: jax.jit(model.apply).lower(variables, x).compile(),
-                          lambda fn: _block(fn(variables, x)), steps, warmup)
+                          lambda fn: _block(fn(variables, x)), steps, warmup, check)
 
 
 def bench_jax_train(model: DRSformer, params: Any, rainy: np.ndarray, clean: np.ndarray,
-                    steps: int, warmup: int = 1) -> dict[str, Any]:
+                    steps: int, warmup: int = 1,
+                    check: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Times `train.make_train_step`'s step, as `train_and_evaluate` runs it, on every device.
 
     The state is placed with the sharding the step gives its output state, so the one
@@ -173,7 +179,8 @@ def bench_jax_train(model: DRSformer, params: Any, rainy: np.ndarray, clean: np.
         box["state"], metrics = fn(box["state"], batch)
         _block((box["state"], metrics))
 
-    result = _timed_program(lambda: step.fn.lower(state, batch).compile(), call, steps, warmup)
+    result = _timed_program(lambda: step.fn.lower(state, batch).compile(), call, steps, warmup,
+                            check)
     return {"devices": mesh.shape["data"], "train_step": "drsformer_jax.train.make_train_step",
             **result}
 
