@@ -7,7 +7,8 @@ one without) and prints per image, and as means: the PSNR of the tiled result
 against the whole-image one (MATLAB protocol, Y channel), and the largest seam
 step: over every tile border line (the tile geometry of derain's --tile and
 --tile-overlap), the mean absolute jump across the line of (tiled - whole), in
-8-bit gray levels (`inference.tiling.seam_step`). Exit status 1 when nothing pairs.
+8-bit gray levels (`inference.tiling.seam_step`), beside the mean jump across the
+other lines (what content alone gives). Exit status 1 when nothing pairs.
 """
 
 from __future__ import annotations
@@ -21,15 +22,35 @@ import numpy as np
 
 from drsformer_jax.evaluation import metrics
 from drsformer_jax.evaluation.scores import ScoreError, _list_images, pair_files
-from drsformer_jax.inference.tiling import DEFAULT_TILE_OVERLAP, seam_step
+from drsformer_jax.inference.tiling import (
+    DEFAULT_TILE_OVERLAP,
+    padded_size,
+    seam_step,
+    tile_borders,
+)
 from drsformer_jax.utils.images import ImageReadError, read_rgb8
 
 
+def other_lines_step(tiled: np.ndarray, whole: np.ndarray, tile: int, overlap: int) -> float:
+    """The mean absolute jump of (tiled - whole) across the lines that are not tile borders,
+    averaged over those lines: what a seam step compares with (gray levels of the input)."""
+    diff = tiled.astype(np.float64) - whole.astype(np.float64)
+    h, w = diff.shape[:2]
+    hp, wp = padded_size(h, w)
+    t = min(tile, hp, wp)
+    rows = set(tile_borders(hp, t, overlap))
+    cols = set(tile_borders(wp, t, overlap))
+    steps = [np.abs(diff[b] - diff[b - 1]).mean() for b in range(1, h) if b not in rows]
+    steps += [np.abs(diff[:, b] - diff[:, b - 1]).mean() for b in range(1, w) if b not in cols]
+    return float(np.mean(steps)) if steps else 0.0
+
+
 def compare(tiled: np.ndarray, whole: np.ndarray, tile: int, overlap: int) -> dict[str, float]:
-    """{'psnr': tiled vs whole (Y, MATLAB), 'seam_step': largest seam step in gray levels}."""
+    """{'psnr': tiled vs whole (Y, MATLAB), 'seam_step': largest seam step, 'other_step':
+    the mean step across the other lines; steps in 8-bit gray levels}."""
     psnr = metrics.evaluate(tiled, whole, "matlab")["psnr"]
     return {"psnr": psnr, "seam_step": seam_step(tiled / 255.0, whole / 255.0, tile, overlap)
-            * 255.0}
+            * 255.0, "other_step": other_lines_step(tiled, whole, tile, overlap)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,13 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         rows.append(compare(a, b, args.tile, args.tile_overlap))
         print(f"{tiled.name}: PSNR {rows[-1]['psnr']:.2f} dB, largest seam step "
-              f"{rows[-1]['seam_step']:.3f} gray levels")
+              f"{rows[-1]['seam_step']:.3f} gray levels (other lines "
+              f"{rows[-1]['other_step']:.3f})")
     if not rows:
         print("error: no pairs of tiled and whole results", file=sys.stderr)
         return 1
     print(f"mean of {len(rows)}: PSNR {np.mean([r['psnr'] for r in rows]):.2f} dB, largest "
           f"seam step {np.mean([r['seam_step'] for r in rows]):.3f} (max "
-          f"{max(r['seam_step'] for r in rows):.3f}) gray levels")
+          f"{max(r['seam_step'] for r in rows):.3f}) gray levels; other lines "
+          f"{np.mean([r['other_step'] for r in rows]):.3f}")
     return 0
 
 

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drsformer_jax import inference
+from drsformer_jax import inference, tile_seams
 from drsformer_jax.inference import ensemble, tiling
+from drsformer_jax.utils.images import write_image
 
 RNG = np.random.default_rng(3)
 
@@ -176,3 +177,23 @@ def test_ensemble_needs_eight_times_the_memory():
     assert plans[0].tile is None and plans[1].tile is not None
     with pytest.raises(ValueError, match="unknown tile blend"):
         inference.Restorer(RampModel(), {"k": 0.0}, tile_blend="gauss")
+
+
+def test_tile_seams_cli(tmp_path, capsys):
+    """A tiled result with a 30-level step at its tile border (tile 16, overlap 8 on 16 x 24:
+    tiles at columns 0 and 8, borders 8 and 16) is reported; the whole result against itself
+    has no step."""
+    whole = (RNG.random((16, 24, 3)) * 100 + 50).astype(np.uint8)
+    tiled = whole.copy()
+    tiled[:, 16:] += 30
+    for name, img in (("whole", whole), ("tiled", tiled)):
+        write_image(tmp_path / name / "a.png", img)
+    assert tile_seams.main(["--tiled", str(tmp_path / "tiled"), "--whole", str(tmp_path / "whole"),
+                            "--tile", "16", "--tile-overlap", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "largest seam step 30.000 (max 30.000) gray levels; other lines 0.000" in out
+    assert tile_seams.main(["--tiled", str(tmp_path / "whole"), "--whole", str(tmp_path / "whole"),
+                            "--tile", "16", "--tile-overlap", "8"]) == 0
+    assert "PSNR inf dB, largest seam step 0.000" in capsys.readouterr().out
+    assert tile_seams.main(["--tiled", str(tmp_path / "none"), "--whole", str(tmp_path / "whole"),
+                            "--tile", "16"]) == 1
