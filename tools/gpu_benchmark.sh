@@ -2,101 +2,95 @@
 # Side-by-side GPU benchmark of drsformer-jax and the release's PyTorch model, one JSON.
 #
 #   tools/gpu_benchmark.sh PATH/TO/DRSformer-release [OUT.json]
-#   TINY=1 tools/gpu_benchmark.sh PATH [OUT.json]     # tiny sizes: checks the script on CPU
+#   TINY=1 tools/gpu_benchmark.sh PATH [OUT.json]   # tiny model, the GPU program, on the CPU
+#   DRY_RUN=1 tools/gpu_benchmark.sh PATH           # print the plan and budget, run nothing
 #
-# Needs jax (CUDA), flax, optax, orbax, einops, torch; no TensorFlow. Note: importing
-# drsformer_jax.train also imports the data pipeline, which needs ml-collections (pure
-# Python): on a host without it, `pip download ml-collections --no-deps -d wheels` here and
-# `pip install --no-deps wheels/ml_collections-*.whl` there (it also needs absl-py, PyYAML).
+# Environment: PYTHON (default python3), GPU (the one GPU both frameworks use, default
+# 0), JAX_TIMEOUT / TORCH_TIMEOUT / SUMMARY_TIMEOUT (seconds per process; their sum,
+# kill grace included, must stay within BUDGET, default 480 s), TORCH_DEVICE.
 #
-# Prints and writes: train step at global batch 16 and 8, 128x128, ours float32 and
-# bfloat16 against the release float32 and torch.autocast(bfloat16); 256x256 and
-# 512x512 inference, same pairs; compile times; model FLOP utilisation (XLA's cost
-# analysis over the step time, against the H100/H200 SXM dense peak of the arithmetic
-# XLA runs: 990 TFLOP/s bf16, 495 TFLOP/s TF32 for float32 at the default matmul
-# precision, 67 TFLOP/s for true float32 at --matmul-precision highest); the largest 128x128 train batch that fits with and without
-# remat; inference memory per pixel. Each run has its own timeout (STEP_TIMEOUT s); a
-# failed run is recorded, not fatal. Sized for <= 8 minutes on one H200.
+# Needs, in $PYTHON: jax with CUDA (jax[cuda12]), flax, optax, einops, numpy (what
+# `import drsformer_jax.benchmark` loads: no orbax, TensorFlow or ml-collections);
+# for the comparison torch (CUDA) and a checkout of the release. Without torch or the
+# release the comparison is recorded as unavailable and the JAX part still runs.
+#
+# Three processes, one after the other, on the same single GPU (CUDA_VISIBLE_DEVICES):
+# 1. JAX (tools/gpu_extras.py jax): train step at global batch 16 and 8, 128x128,
+#    float32 and bfloat16; 256x256 and 512x512 forward, float32 and bfloat16. Each
+#    program is compiled ahead of time and its memory (XLA's memory_analysis on this
+#    device) checked against the free device memory before it runs: what cannot fit
+#    is recorded as skipped. Then, from those compiled programs, the largest 128x128
+#    train batch (checked by one step at the prediction, stepping down on fresh
+#    arguments), the same line with remat, inference memory per pixel.
+# 2. PyTorch (tools/gpu_extras.py torch): the release on the same runs, float32 and
+#    torch.autocast(bfloat16), a run skipped when its peak predicted from a smaller
+#    one exceeds the free memory.
+# 3. The table: times, ratios, compile times, model FLOP utilisation (XLA's cost
+#    analysis over the step time, against the H100/H200 SXM dense peak of what XLA
+#    runs: 990 TFLOP/s bf16, 495 TFLOP/s TF32 for float32 at the default precision).
+# Each process has a timeout and a deadline a little before it (no run starts that
+# would likely end after it) and rewrites its JSON after every run: a timeout loses
+# only the run in progress.
 set -u
 REF=${1:?usage: tools/gpu_benchmark.sh PATH/TO/DRSformer-release [OUT.json]}
 OUT=${2:-gpu_benchmark.json}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+GPU=${GPU:-0}
+BUDGET=${BUDGET:-480}
+JAX_TIMEOUT=${JAX_TIMEOUT:-300}
+TORCH_TIMEOUT=${TORCH_TIMEOUT:-120}
+SUMMARY_TIMEOUT=${SUMMARY_TIMEOUT:-30}
+KILL_AFTER=5  # a process that ignores the timeout's TERM is killed this much later
+case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
+case $REF in /*) ;; *) REF=$PWD/$REF ;; esac
+
+if [ "${TINY:-0}" = 1 ]; then
+  # The host's CPU runs the GPU's program (gpu_extras --tiny): the script checked anywhere.
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+  # TINY checks the program, not its speed: LLVM at -O0 cut a tiny train step's compile
+  # on the 2-core host from 157 s to 92 s.
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"
+  MODE=(--tiny --steps 1 --warmup 0); TORCH_DEVICE=${TORCH_DEVICE:-cpu}
+else
+  MODE=(--steps 5); TORCH_DEVICE=${TORCH_DEVICE:-cuda}
+fi
+# Both frameworks see the same one GPU; JAX allocates as it goes, so PyTorch gets the
+# device back after the JAX process ends.
+export CUDA_VISIBLE_DEVICES=$GPU
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+
+WORST=$(( JAX_TIMEOUT + TORCH_TIMEOUT + SUMMARY_TIMEOUT + 3 * KILL_AFTER ))
+FITS="<="; (( WORST > BUDGET )) && FITS=">"
+echo "python: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])' \
+  || echo "$PYTHON not found")"
+echo "gpu: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES, torch device $TORCH_DEVICE, tiny ${TINY:-0}"
+echo "budget: jax ${JAX_TIMEOUT} s + torch ${TORCH_TIMEOUT} s + summary ${SUMMARY_TIMEOUT} s" \
+     "+ 3 x ${KILL_AFTER} s kill grace = ${WORST} s ${FITS} ${BUDGET} s"
+if (( WORST > BUDGET )); then
+  echo "error: worst case ${WORST} s is over the budget of ${BUDGET} s" >&2
+  exit 2
+fi
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  exit 0
+fi
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$ROOT" || exit 1
-export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+START=$SECONDS
 
-if [ "${TINY:-0}" = 1 ]; then
-  ARCH=(--dim 8 --num-blocks 1 1 1 1 --heads 1 1 2 2)
-  TRAIN_SIZE=16; TRAIN_BATCHES=(4 2); FWD_SIZES=(32 64); STEPS=2
-  TORCH_DEVICE=${TORCH_DEVICE:-cpu}; EXTRAS=(--tiny --size 16)
-else
-  ARCH=()
-  TRAIN_SIZE=128; TRAIN_BATCHES=(16 8); FWD_SIZES=(256 512); STEPS=5
-  TORCH_DEVICE=${TORCH_DEVICE:-cuda}; EXTRAS=(--size 128)
-fi
-STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+echo "== JAX (timeout ${JAX_TIMEOUT} s)" >&2
+timeout -k "$KILL_AFTER" "$JAX_TIMEOUT" "$PYTHON" tools/gpu_extras.py jax "${MODE[@]}" \
+  --deadline "$(( JAX_TIMEOUT - 15 ))" --json "$WORK/jax.json" > /dev/null
+echo "JAX process: exit $?, $(( SECONDS - START )) s so far" >&2
 
-bench() {  # name, then benchmark arguments
-  local name=$1; shift
-  echo "== $name" >&2
-  timeout "$STEP_TIMEOUT" python -m drsformer_jax.benchmark "${ARCH[@]}" --steps "$STEPS" \
-    --compare-torch --reference-repo "$REF" --torch-device "$TORCH_DEVICE" \
-    --json "$WORK/$name.json" "$@" > /dev/null \
-    || echo "{\"failed\": true, \"rc\": $?}" > "$WORK/$name.json"
-}
+echo "== PyTorch (timeout ${TORCH_TIMEOUT} s)" >&2
+JAX_PLATFORMS=cpu timeout -k "$KILL_AFTER" "$TORCH_TIMEOUT" "$PYTHON" tools/gpu_extras.py \
+  torch "${MODE[@]}" --deadline "$(( TORCH_TIMEOUT - 10 ))" --reference-repo "$REF" \
+  --device "$TORCH_DEVICE" --json "$WORK/torch.json" > /dev/null
+echo "PyTorch process: exit $?, $(( SECONDS - START )) s so far" >&2
 
-for b in "${TRAIN_BATCHES[@]}"; do
-  bench "train_b${b}_float32" --modes train --height "$TRAIN_SIZE" --width "$TRAIN_SIZE" \
-    --batch "$b" --dtype float32
-  bench "train_b${b}_bfloat16" --modes train --height "$TRAIN_SIZE" --width "$TRAIN_SIZE" \
-    --batch "$b" --dtype bfloat16 --torch-autocast-bf16
-done
-for s in "${FWD_SIZES[@]}"; do
-  bench "forward_${s}_float32" --modes forward --height "$s" --width "$s" --batch 1 \
-    --dtype float32
-  bench "forward_${s}_bfloat16" --modes forward --height "$s" --width "$s" --batch 1 \
-    --dtype bfloat16 --torch-autocast-bf16
-done
-echo "== memory (largest batch, bytes per pixel)" >&2
-timeout "$((2 * STEP_TIMEOUT))" python tools/gpu_extras.py "${EXTRAS[@]}" \
-  --json "$WORK/memory.json" > /dev/null \
-  || echo "{\"failed\": true, \"rc\": $?}" > "$WORK/memory.json"
-
-python - "$WORK" "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-# Dense TFLOP/s of H100/H200 SXM for what XLA runs: float32 at the default matmul
-# precision is TF32 there; only "highest" is true float32.
-PEAK = {("bfloat16", "default"): 990e12, ("bfloat16", "highest"): 990e12,
-        ("float32", "default"): 495e12, ("float32", "highest"): 67e12}
-MACS_256 = 242.9e9                               # multiply-adds per 256x256 forward
-runs = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
-rows = []
-for name, r in runs.items():
-    if name == "memory" or r.get("failed"):
-        rows.append((name, "FAILED" if r.get("failed") else "", "", "", "", ""))
-        continue
-    mode = "train" if "train" in r else "forward"
-    ours, ref = r[mode]["median_s"], r.get("torch", {}).get(mode, {}).get("median_s")
-    px = r["batch"] * r["height"] * r["width"]
-    flops = r[mode].get("flops_per_call") or (
-        2 * MACS_256 * px / 65536 * (3 if mode == "train" else 1))
-    mfu = flops / ours / PEAK[r["dtype"], r.get("matmul_precision", "default")]
-    r[mode]["model_flops_utilisation"] = mfu
-    rows.append((name, f"{ours * 1e3:.1f} ms", f"{ref * 1e3:.1f} ms" if ref else "-",
-                 f"{ours / ref:.2f}x" if ref else "-", f"{r[mode]['compile_s']:.1f} s",
-                 f"{100 * mfu:.1f} %"))
-print(f"{'run':24} {'ours':>11} {'release':>11} {'ratio':>7} {'compile':>9} {'MFU':>7}")
-for row in rows:
-    print(f"{row[0]:24} {row[1]:>11} {row[2]:>11} {row[3]:>7} {row[4]:>9} {row[5]:>7}")
-mem = runs.get("memory", {})
-for key in ("largest_batch_remat_False", "largest_batch_remat_True"):
-    if key in mem:
-        print(key, mem[key].get("largest_fitting"), "(predicted", mem[key].get("predicted"), ")")
-for m in mem.get("inference_memory", []):
-    print("inference bytes/pixel", m["dtype"], round(m["bytes_per_pixel"], 1))
-out.write_text(json.dumps(runs, indent=2) + "\n")
-print("wrote", out)
-EOF
+JAX_PLATFORMS=cpu timeout -k "$KILL_AFTER" "$SUMMARY_TIMEOUT" "$PYTHON" tools/gpu_extras.py \
+  summary "$WORK/jax.json" "$WORK/torch.json" --out "$OUT"
+echo "total: $(( SECONDS - START )) s (budget ${WORST} s)"
