@@ -37,7 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drsformer_jax.data.sources import DatasetError, FolderPairs, find_inputs, find_pairs
+from drsformer_jax.data.sources import (
+    DatasetError,
+    FolderPairs,
+    find_inputs,
+    find_pairs,
+    natural_key,
+)
 from drsformer_jax.derain import add_restore_flags
 from drsformer_jax.evaluation.evaluator import BENCHMARK_PROTOCOLS, restore_pairs
 from drsformer_jax.evaluation.scores import (
@@ -50,6 +56,8 @@ from drsformer_jax.evaluation.scores import (
 from drsformer_jax.inference import Restorer, make_restorer
 from drsformer_jax.utils.files import (
     ensure_writable_dir,
+    first_names,
+    list_images,
     quiet_library_logs,
     write_bytes_atomic,
     write_json_atomic,
@@ -99,6 +107,7 @@ class SetResult:
     failures: list[str]
     mean: dict[str, float]
     seconds: float
+    note: str | None = None  # files of the set that were left out, and why
 
 
 def _normalised(name: str) -> str:
@@ -142,17 +151,42 @@ def _data_roots(data: Path) -> list[tuple[Path, str]]:
             (data.parent, data.name)]
 
 
-def find_test_set(data: Path, dataset: str) -> FolderPairs | None:
-    """The set's test pairs (inputs alone for Real) under `data`; None when the set's folder
-    is absent. Raises SetSkippedError when it is there but unusable (missing targets, no pairs)."""
+def _pairs_that_pair(base: Path, dataset: str, split: str) -> tuple[FolderPairs, str] | None:
+    """The inputs and targets of `base` whose stems match, and a note naming the others;
+    None when nothing pairs. (A sample set may lack a target: score the rest.)"""
+    listed = []
+    for kind in ("input", "target"):
+        folder = base / kind
+        files = {p.stem: p.name for p in list_images(folder)} if folder.is_dir() else {}
+        listed.append(files)
+    inputs, targets = listed
+    stems = sorted(set(inputs) & set(targets), key=lambda stem: natural_key(inputs[stem]))
+    if not stems:
+        return None
+    left = sorted([inputs[s] for s in set(inputs) - set(targets)]
+                  + [f"target/{targets[s]}" for s in set(targets) - set(inputs)], key=natural_key)
+    pairs = FolderPairs(dataset=dataset, split=split, input_dir=base / "input",
+                        target_dir=base / "target", names=tuple(inputs[s] for s in stems),
+                        target_names=tuple(targets[s] for s in stems))
+    return pairs, f"{len(left)} file(s) without a partner left out: " + first_names(left)
+
+
+def find_test_set(data: Path, dataset: str) -> tuple[FolderPairs, str | None] | None:
+    """The set's test pairs (inputs alone for Real) under `data`, and a note when some files
+    do not pair; None when the set's folder is absent. Raises SetSkippedError when it is
+    there but unusable (no target folder, nothing pairs, two images with one name)."""
     for root, split in _data_roots(data):
         if (root / split / dataset).is_dir():
             try:
                 if dataset == REAL_SET:
-                    return find_inputs(root, dataset, split)
-                return find_pairs(root, dataset, split)
+                    return find_inputs(root, dataset, split), None
+                return find_pairs(root, dataset, split), None
             except DatasetError as e:
-                raise SetSkippedError(str(e)) from None
+                partial = (None if "do not pair" not in str(e) or dataset == REAL_SET
+                           else _pairs_that_pair(root / split / dataset, dataset, split))
+                if partial is None:
+                    raise SetSkippedError(str(e)) from None
+                return partial
     return None
 
 
@@ -216,6 +250,8 @@ def report_markdown(results: Sequence[SetResult], skipped: dict[str, str],
                  *_cell(r.mean.get(prefix + "brisque"), paper["brisque"], 3)]) + " |")
         lines.append("")
     for r in results:
+        if r.note:
+            lines.append(f"- {r.name}: {r.note}")
         if r.failures:
             lines.append(f"- {r.name}: {len(r.failures)} image(s) left out: {r.failures[0]}")
     for name, why in skipped.items():
@@ -232,7 +268,8 @@ def report_document(results: Sequence[SetResult], skipped: dict[str, str],
         paper = paper_figures(r.name)
         sets[r.name] = {
             "protocol": r.protocol, "weights": r.weights, "images": r.images,
-            "failures": r.failures, "seconds": round(r.seconds, 2), "mean": r.mean,
+            "failures": r.failures, "note": r.note, "seconds": round(r.seconds, 2),
+            "mean": r.mean,
             "paper": paper,
             "difference": {k: r.mean[k] - v for k, v in paper.items() if k in r.mean}}
     return {"options": options, "sets": sets, "skipped": skipped, "paper_source": PAPER_SOURCE}
@@ -311,12 +348,15 @@ class _Runner:
 
     def run(self, dataset: str, explicit: bool) -> None:
         try:
-            pairs = find_test_set(self.args.data, dataset)
-            if pairs is None:
+            found = find_test_set(self.args.data, dataset)
+            if found is None:
                 if explicit:
                     self.skip(dataset, f"no test data under {self.args.data} (looked for "
                               f"test/{dataset}, Datasets/test/{dataset}, data/test/{dataset})")
                 return
+            pairs, left_out = found
+            if left_out:
+                print(f"note: {dataset}: {left_out}", file=sys.stderr, flush=True)
             weights, note = find_weights(self.args.weights, dataset)
             if note:
                 print(f"note: {dataset}: {note}", file=sys.stderr, flush=True)
@@ -329,6 +369,7 @@ class _Runner:
         print(f"{dataset}: {len(pairs)} images, {BENCHMARK_PROTOCOLS[dataset]} protocol, "
               f"weights {weights} -> {out_dir}", flush=True)
         self.results.append(run_set(restorer, pairs, dataset, str(weights), out_dir))
+        self.results[-1].note = left_out
 
 
 def main(argv: Iterable[str] | None = None) -> int:

@@ -84,14 +84,23 @@ def test_test_sets_are_found_in_either_layout(tmp_path, layout):
         _touch(base / "Rain200H" / kind / "1.png")
     _touch(base / "Real" / "input" / "a.png")
     for data in (tmp_path, base):  # the folder above the layout, or its test/ folder
-        pairs = reproduce.find_test_set(data, "Rain200H")
-        assert pairs.input_dir == base / "Rain200H" / "input" and len(pairs) == 1
-        real = reproduce.find_test_set(data, "Real")
+        pairs, note = reproduce.find_test_set(data, "Rain200H")
+        assert pairs.input_dir == base / "Rain200H" / "input" and len(pairs) == 1 and not note
+        real, _ = reproduce.find_test_set(data, "Real")
         assert real.target_dir is None and real.names == ("a.png",)
         assert reproduce.find_test_set(data, "SPA-Data") is None
     _touch(base / "DID-Data" / "input" / "1.png")  # no target/: unusable, named
     with pytest.raises(reproduce.SetSkippedError, match="target"):
         reproduce.find_test_set(tmp_path, "DID-Data")
+    # The release's sample set has an input without its target: the others are scored.
+    for name in ("1.png", "2.png", "10.png", "3.jpg"):
+        _touch(base / "DDN-Data" / "input" / name)
+    for name in ("1.png", "3.png", "10.png", "4.png"):
+        _touch(base / "DDN-Data" / "target" / name)
+    pairs, note = reproduce.find_test_set(tmp_path, "DDN-Data")
+    assert pairs.names == ("1.png", "3.jpg", "10.png")
+    assert pairs.target_names == ("1.png", "3.png", "10.png")
+    assert note == "2 file(s) without a partner left out: 2.png, target/4.png"
 
 
 def test_report_differences():
@@ -131,6 +140,8 @@ def release_like(tmp_path_factory):
     base = tmp_path_factory.mktemp("reproduce")
     for name in ("Rain200H", "DID-Data", "Rain200L"):
         synthetic.write_dataset(base / "Datasets", name, 0, 2, (16, 24), "heavy", seed=5)
+    # As in the release's sample set, one input has no target: the other one is scored.
+    (base / "Datasets" / "test" / "DID-Data" / "target" / "00000.png").unlink()
     model = DRSformer(**TINY)
     weights = base / "weights"
     weights.mkdir()
@@ -156,21 +167,24 @@ def test_end_to_end_scores_each_set_with_its_protocol(run):
     assert code == 1  # two sets could not run
     report = json.loads((out / "report.json").read_text())
     assert sorted(report["sets"]) == ["DID-Data", "Rain200H"]
-    for name, protocol in (("Rain200H", "matlab"), ("DID-Data", "rcdnet")):
+    for name, protocol, scored in (("Rain200H", "matlab", ["00000.png", "00001.png"]),
+                                   ("DID-Data", "rcdnet", ["00001.png"])):
         entry = report["sets"][name]
         score = json.loads((out / name / SCORE_FILE).read_text())
         assert score["protocol"] == entry["protocol"] == protocol
-        assert sorted(score["images"]) == ["00000.png", "00001.png"]
-        assert entry["mean"] == score["mean"] and entry["images"] == 2
+        assert sorted(score["images"]) == scored
+        assert entry["mean"] == score["mean"] and entry["images"] == len(scored)
         assert entry["difference"]["psnr"] == pytest.approx(
             score["mean"]["psnr"] - reproduce.PAPER_TABLE1[name]["psnr"])
-        assert read_rgb8(out / name / "00000.png").shape == (16, 24, 3)
+        assert read_rgb8(out / name / "00001.png").shape == (16, 24, 3)
     assert set(report["skipped"]) == {"Rain200L", "SPA-Data"}
     assert "no weights" in report["skipped"]["Rain200L"]
     assert "no test data" in report["skipped"]["SPA-Data"]
     md = (out / "report.md").read_text()
     assert re.search(r"\| Rain200H \| matlab \| 2 \| \d+\.\d\d \| 32\.17 \| [-+]\d+\.\d\d \|", md)
-    assert "| DID-Data | rcdnet | 2 |" in md
+    assert "| DID-Data | rcdnet | 1 |" in md
+    assert "- DID-Data: 1 file(s) without a partner left out: 00000.png" in md
+    assert report["sets"]["DID-Data"]["note"].endswith("00000.png")
 
 
 def test_each_set_used_its_own_weights(run, release_like, tmp_path_factory):
