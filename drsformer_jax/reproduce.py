@@ -16,7 +16,8 @@ OUTPUT/report.md and OUTPUT/report.json.
 `convert`, or training workdirs), each matched to a set by its name, case and
 punctuation ignored (Rain200H.pth, rain200h/, DRSformer_DID-Data.pth; DID-Data,
 DDN-Data and SPA-Data also match did, ddn, spa; Real matches real or internet,
-else it uses the Rain200H weights); or one checkpoint for every set.
+else it uses the Rain200H weights); or one checkpoint for every set (a file, or a
+folder whose only checkpoint names no set, such as test.py's deraining.pth).
 --data: the release's layout (Datasets/test/<set>/{input,target}) or this
 project's (data/test/<set>/...): DIR may be the folder holding Datasets/ or data/,
 that folder itself, or its test/ folder. Real needs input/ only.
@@ -138,6 +139,10 @@ def find_weights(weights: Path, dataset: str) -> tuple[Path, str | None]:
                          + ", ".join(p.name for p in found) + "; keep one")
     if found:
         return found[0], None
+    named = [p for p in entries if any(alias in _normalised(p.stem)
+                                       for aliases in WEIGHT_NAMES.values() for alias in aliases)]
+    if len(entries) == 1 and not named:  # e.g. test.py's default deraining.pth alone
+        return entries[0], f"the only checkpoint in {weights}, {entries[0].name}, is used"
     if dataset == REAL_SET:
         fallback, _ = find_weights(weights, REAL_FALLBACK)
         return fallback, f"no Real weights in {weights}: using {REAL_FALLBACK}'s, {fallback.name}"

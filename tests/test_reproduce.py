@@ -71,6 +71,14 @@ def test_weights_are_matched_by_set_name(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(reproduce.SetSkippedError, match="no weights .* for Rain200H"):
         find(tmp_path / "empty", "Rain200H")
+    # A folder with test.py's default name alone: that checkpoint for every set, with a note.
+    sole = _touch(tmp_path / "sole" / "deraining.pth")
+    assert find(sole.parent, "SPA-Data") == (sole, f"the only checkpoint in {sole.parent}, "
+                                                   "deraining.pth, is used")
+    # A sole checkpoint named for another set is not used for this one.
+    _touch(tmp_path / "other" / "Rain200L.pth")
+    with pytest.raises(reproduce.SetSkippedError, match="no weights"):
+        find(tmp_path / "other", "Rain200H")
     # One checkpoint for every set: a file, or an export folder.
     assert find(w / "Rain200H.pth", "DDN-Data") == (w / "Rain200H.pth", None)
     _touch(w / "spa_export" / "config.json")
