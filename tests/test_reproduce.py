@@ -10,7 +10,7 @@ import pytest
 from drsformer_jax import inference, reproduce
 from drsformer_jax.data import synthetic
 from drsformer_jax.evaluation.scores import SCORE_FILE
-from drsformer_jax.utils.images import from_float, read_rgb8, to_float
+from drsformer_jax.utils.images import from_float, read_rgb8, to_float, write_image
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT.parent / "shared" / "seed" / "drsformer-cvpr2023.md"
@@ -216,3 +216,32 @@ def test_end_to_end_prints_the_table_and_the_missing_sets(run, capsys):
     md = (out / "report.md").read_text()
     assert md.startswith("# DRSformer: the paper's tables reproduced (the release's procedure)")
     assert "Rain200L: not run: no weights" in md and "SPA-Data: not run: no test data" in md
+
+
+class _SoftenModel:
+    """Stands in for DRSformer (no compile): a fixed per-pixel map."""
+
+    dim = 8
+
+    def for_platform(self, platform):
+        return self
+
+    def apply(self, variables, x):
+        return x * 0.8 + 0.1
+
+
+def test_real_rain_set_scores_inputs_and_outputs(tmp_path):
+    """Table 2's row: NIQE / BRISQUE of the inputs and of the outputs, no targets."""
+    for i in range(2):
+        rainy, _ = synthetic.make_pair(7, "test", i, 96, 104, "heavy")
+        write_image(tmp_path / "test" / "Real" / "input" / f"{i}.png", rainy)
+    pairs, note = reproduce.find_test_set(tmp_path, "Real")
+    restorer = inference.Restorer(_SoftenModel(), {}, memory_limit=2 ** 50)
+    result = reproduce.run_set(restorer, pairs, "Real", "w", tmp_path / "out")
+    assert note is None and result.images == 2 and result.protocol == "niqe,brisque"
+    assert set(result.mean) == {"niqe", "brisque", "input_niqe", "input_brisque"}
+    assert result.mean["niqe"] != result.mean["input_niqe"]  # outputs and inputs both scored
+    score = json.loads((tmp_path / "out" / SCORE_FILE).read_text())
+    assert score["mean"] == result.mean and sorted(score["images"]) == ["0.png", "1.png"]
+    md = reproduce.report_markdown([result], {}, "test")
+    assert f"| derained | 2 | {result.mean['niqe']:.3f} | 4.095 |" in md
