@@ -161,26 +161,40 @@ def test_depthwise_conv_formulations_agree_with_reference(impl, k, dilation):
         np.testing.assert_allclose(y[..., c], ref[..., 0], atol=1e-4)
 
 
-@pytest.mark.parametrize("k,dilation,members,height,width", [
-    (3, 1, 1, 9, 11), (5, 1, 2, 6, 7), (7, 2, 1, 9, 8), (5, 1, 1, 3, 1), (7, 2, 2, 2, 4)])
-def test_channels_first_shift_values_and_gradients(k, dilation, members, height, width, x64):
-    # NCHW 'same' convolutions take the flattened-plane formulation (taps as flat
-    # slices, wrapped columns masked), with its own kernel-gradient taps; the last two
-    # cases have the padding wider than the image (extra padded rows).
+@pytest.mark.parametrize("k,dilation,members,height,width,padding,channels_first", [
+    (3, 1, 1, 9, 11, None, True), (5, 1, 2, 6, 7, None, True), (7, 2, 1, 9, 8, None, True),
+    (5, 1, 1, 3, 1, None, True), (7, 2, 2, 2, 4, None, True), (3, 1, 2, 6, 7, None, False),
+    (5, 2, 1, 9, 8, None, False), (3, 1, 2, 7, 6, 0, True), (5, 1, 1, 7, 6, -1, False)])
+def test_cpu_stencils_equal_lax_conv(k, dilation, members, height, width, padding,
+                                     channels_first, x64):
+    # The CPU stencil engine (model/cpu_stencils.py, conv_impl="shift") is performance
+    # only: its values and its hand-written gradients equal the plain lax.conv
+    # formulation (conv_impl="xla"), in both layouts. NCHW 'same' convolutions take the
+    # flattened-plane form (taps as flat slices, wrapped columns masked), with its own
+    # kernel-gradient taps; the fourth and fifth cases have the padding wider than the
+    # image (extra padded rows); the last two are not 'same' (0 pads, -1 crops).
     rng = np.random.default_rng(k + members + width)
-    x = jnp.asarray(rng.normal(size=(2, 3 * members, height, width)))
+    shape = (2, 3 * members, height, width) if channels_first else (2, height, width,
+                                                                    3 * members)
+    x = jnp.asarray(rng.normal(size=shape))
     kernel = jnp.asarray(rng.normal(size=(k, k, members, 3)))
 
-    def loss(impl):
-        return lambda x, kern: jnp.sum(jnp.sin(grouped_conv(
-            x, kern, dilation=dilation, impl=impl, channels_first=True)))
+    def conv(impl):
+        return lambda x, kern: grouped_conv(x, kern, dilation=dilation, impl=impl,
+                                            channels_first=channels_first, padding=padding)
 
-    y = grouped_conv(x, kernel, dilation=dilation, impl="shift", channels_first=True)
-    nhwc = np.transpose(np.asarray(x), (0, 2, 3, 1))
-    for g in range(3):
-        ref = reference_conv(nhwc[..., g * members: (g + 1) * members],
-                             np.asarray(kernel)[:, :, :, g: g + 1], dilation)
-        np.testing.assert_allclose(np.asarray(y)[:, g], ref[..., 0], atol=1e-12)
+    def loss(impl):
+        return lambda x, kern: jnp.sum(jnp.sin(conv(impl)(x, kern)))
+
+    y = conv("shift")(x, kernel)
+    np.testing.assert_allclose(y, conv("xla")(x, kernel), atol=1e-12)
+    if padding is None:  # and against convolutions written out with loops
+        nhwc = np.transpose(np.asarray(x), (0, 2, 3, 1)) if channels_first else np.asarray(x)
+        for g in range(3):
+            ref = reference_conv(nhwc[..., g * members: (g + 1) * members],
+                                 np.asarray(kernel)[:, :, :, g: g + 1], dilation)
+            got = np.asarray(y)[:, g] if channels_first else np.asarray(y)[..., g]
+            np.testing.assert_allclose(got, ref[..., 0], atol=1e-12)
     got = jax.grad(loss("shift"), argnums=(0, 1))(x, kernel)
     want = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
     for a, b in zip(got, want, strict=True):

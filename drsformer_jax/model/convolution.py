@@ -1,31 +1,28 @@
-"""Convolutions of DRSformer, with HWIO kernels, in either activation layout.
+"""The convolution layers of DRSformer, with HWIO kernels, in either activation layout.
 
 Activations are NHWC, or NCHW ("channels first") when a module's
 `channels_first` is set; kernels are always HWIO, as stored in checkpoints. The
 model picks its layout with `resolve_layout` (see `DRSformer.layout`): NCHW on
-CPU, where the depthwise convolutions below become stencils over contiguous
-H x W planes (faster on XLA:CPU than over channel vectors, and the grouped
-convolutions' channel pairs become whole planes), NHWC elsewhere.
+CPU, where the depthwise convolutions become stencils over contiguous H x W planes
+(faster on XLA:CPU than over channel vectors, and the grouped convolutions'
+channel pairs become whole planes), NHWC elsewhere.
 
-Dense convolutions go through `Conv` (1x1 ones are matmuls). Depthwise and
-grouped convolutions (every group reads a few consecutive input channels and
+Dense convolutions go through `Conv` (1x1 ones are matmuls, `pointwise`). Depthwise
+and grouped convolutions (every group reads a few consecutive input channels and
 writes one output channel) go through the single function `grouped_conv`, which
-has several formulations:
+has two formulations with the same numbers up to float rounding:
 
-- "xla": one `lax.conv_general_dilated` with `feature_group_count`. Best on
-  GPU/TPU, but XLA on CPU runs it through a very slow generic path.
+- "xla": one `lax.conv_general_dilated` with `feature_group_count`: the plain
+  formulation. Best on GPU, but XLA on CPU runs it through a very slow generic path.
 - "shift": a sum of shifted multiply-adds, one per kernel tap and group member,
-  fused by XLA into one loop over the output (`shifted_depthwise_sum`, with a
-  hand-written VJP). Grouped convolutions first split the input into one
-  contiguous array per group member. ~10x faster than "xla" on CPU. In NCHW
-  with 'same' padding the taps are contiguous slices of flattened planes
-  (`_flat_shift_sum`), which XLA:CPU vectorises whatever it fuses them with.
+  fused by XLA into one loop over the output: the stencil engine of
+  `cpu_stencils` (performance only; many times faster than "xla" on CPU).
 
 "auto" picks per platform (`FORMULATIONS`: NCHW stencils on CPU, NHWC stencils on
 TPU, where XLA:TPU expands `feature_group_count` convolutions into lane-padded
 copies, XLA's grouped convolutions on GPU), for the platform the program is
 compiled for when the caller names it (`DRSformer.for_platform`), else for JAX's
-default backend. All give the same numbers up to float rounding.
+default backend.
 
 Matmuls and dense convolutions run at the layers' `precision` (JAX's names:
 "default", "high", "highest"; None follows `jax.default_matmul_precision`). On
@@ -44,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from drsformer_jax.model.cpu_stencils import pad_spatial, stencil_grouped_conv
 from drsformer_jax.model.initializers import torch_bias_init, torch_default_init
 
 Dtype = Any
@@ -139,7 +137,8 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, *, dilation: int = 1,
         PyTorch's `groups=G` layout for weight (G, m, kh, kw) transposed to HWIO.
         m = 1 is a depthwise convolution.
       dilation: kernel dilation.
-      impl: "auto", "xla" or "shift" (see module docstring).
+      impl: "auto", "xla" or "shift" (see module docstring; "shift" is
+        `cpu_stencils.stencil_grouped_conv`).
       channels_first: NCHW activations.
       padding: zeros added to each side of H and W (negative crops); default
         dilation * (k - 1) // 2, the 'same' padding.
@@ -156,216 +155,19 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, *, dilation: int = 1,
         ph = pw = padding
     if resolve_conv_impl(impl) == "xla":
         if min(ph, pw) < 0:
-            x = _pad(x, min(ph, 0), min(pw, 0), channels_first)
+            x = pad_spatial(x, min(ph, 0), min(pw, 0), channels_first)
             ph, pw = max(ph, 0), max(pw, 0)
         return lax.conv_general_dilated(
             x, kernel, window_strides=(1, 1), padding=((ph, ph), (pw, pw)),
             rhs_dilation=(dilation, dilation),
             dimension_numbers=_dimension_numbers(channels_first), feature_group_count=groups,
             precision=precision)
-    if m == 1:
-        return shifted_depthwise_sum((x,), (kernel[:, :, 0, :],), dilation, ph, pw,
-                                     channels_first)
-    # Member r of group g is input channel g*m + r. Split the input once into m
-    # arrays (member r of every group), so that the taps are contiguous multiply-adds
-    # over whole channel vectors or planes; summing interleaved channel pairs after a
-    # depthwise conv instead is ~8x slower on XLA:CPU.
-    members = tuple(lax.slice_in_dim(x, r, None, m, axis=cax % x.ndim) for r in range(m))
-    if not channels_first:
-        # Channels last, XLA would otherwise re-derive the strided channel slices in
-        # every tap (strided vector loads); channels first they are whole planes.
-        members = lax.optimization_barrier(members)
-    return shifted_depthwise_sum(members, tuple(kernel[:, :, r, :] for r in range(m)),
-                                 dilation, ph, pw, channels_first)
-
-
-def _pad(x: jax.Array, ph: int, pw: int, channels_first: bool) -> jax.Array:
-    """Zero padding of H and W by (ph, pw) per side; negative values crop."""
-    if ph == 0 and pw == 0:
-        return x
-    spatial = [(ph, ph, 0), (pw, pw, 0)]
-    config = ([(0, 0, 0), (0, 0, 0)] + spatial if channels_first
-              else [(0, 0, 0)] + spatial + [(0, 0, 0)])
-    return lax.pad(x, jnp.zeros((), x.dtype), config)
-
-
-def _tap(xp: jax.Array, i: int, j: int, h: int, w: int, channels_first: bool) -> jax.Array:
-    if channels_first:
-        return xp[:, :, i:i + h, j:j + w]
-    return xp[:, i:i + h, j:j + w, :]
+    return stencil_grouped_conv(x, kernel, dilation, ph, pw, channels_first)
 
 
 def _per_channel(v: jax.Array, channels_first: bool) -> jax.Array:
     """A (C,) vector shaped to broadcast against the activations."""
     return v[:, None, None] if channels_first else v
-
-
-def _out_size(x: jax.Array, kh: int, kw: int, dilation: int, ph: int, pw: int,
-              channels_first: bool) -> tuple[int, int]:
-    h, w = (x.shape[2], x.shape[3]) if channels_first else (x.shape[1], x.shape[2])
-    return h + 2 * ph - dilation * (kh - 1), w + 2 * pw - dilation * (kw - 1)
-
-
-def _is_same_static(x: jax.Array, kh: int, kw: int, dilation: int, ph: int, pw: int) -> bool:
-    """Static shape and 'same' padding: the output is as large as the input."""
-    return (2 * ph == dilation * (kh - 1) and 2 * pw == dilation * (kw - 1)
-            and all(isinstance(d, int) for d in x.shape))
-
-
-def _flat_padded(x: jax.Array, ph: int, pw: int) -> tuple[jax.Array, int]:
-    """(N, C, H, W) -> (N, C, (H + 2 r) W) with r >= ph + ceil(pw / W) zero rows above
-    and below, each plane flattened, and the offset of row -ph, column 0.
-
-    Tap (i, j) of a 'same' convolution at output pixel p = y W + x is then element
-    offset + p + i d W + j d - pw: one contiguous slice per tap of one padded copy
-    (the rows past ph take the slices' overhang of pw at both ends). r is 3 or 7 where
-    that suffices, so that the convolutions of one input (MSFN's 3x3 and 5x5, MEFC's
-    six experts) pad it alike and XLA keeps one padded copy for all of them.
-
-    x is materialised before it is padded (an optimization barrier): XLA:CPU otherwise
-    fuses a producing stencil (another convolution, or its input gradient in the
-    backward pass) into the pad, and that fused loop runs at scalar speed (8 % of the
-    forward, 5 % of the train step).
-    """
-    x = lax.optimization_barrier(x)
-    n, c, h, w = x.shape
-    need = ph - (-pw // w)
-    r = 3 if need <= 3 else max(7, need)
-    rows = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), (r, r, 0), (0, 0, 0)])
-    return rows.reshape(n, c, (h + 2 * r) * w), (r - ph) * w
-
-
-def _mask_columns(t: jax.Array, h: int, w: int, shift: int) -> jax.Array:
-    """Zeroes the pixels of flattened (N, C, H W) planes whose column x + shift is
-    outside 0 .. W-1: there the flat slice of a tap read a neighbouring row."""
-    if shift == 0:
-        return t
-    col = lax.broadcasted_iota(jnp.int32, (h, w), 1).reshape(h * w)
-    valid = (col < w - shift) if shift > 0 else (col >= -shift)
-    return jnp.where(valid, t, jnp.zeros((), t.dtype))
-
-
-def _flat_taps(x: jax.Array, kh: int, kw: int, dilation: int, ph: int,
-               pw: int) -> list[list[jax.Array]]:
-    """taps[i][j]: tap (i, j) of a 'same' convolution of NCHW x, as (N, C, H W) slices of
-    one flattened, row-padded copy (columns that wrap into the next row not yet masked)."""
-    n, c, h, w = x.shape
-    xf, offset = _flat_padded(x, ph, pw)
-
-    def tap(i: int, j: int) -> jax.Array:
-        start = offset + (i * w + j) * dilation - pw
-        return lax.slice_in_dim(xf, start, start + h * w, axis=2)
-
-    return [[tap(i, j) for j in range(kw)] for i in range(kh)]
-
-
-def _flat_shift_sum(xs: tuple[jax.Array, ...], kernels: tuple[jax.Array, ...],
-                    dilation: int, ph: int, pw: int) -> jax.Array:
-    """`_shift_sum` of NCHW inputs with 'same' padding over flattened planes.
-
-    Every tap is a contiguous slice of a flattened plane, so the fused loop
-    vectorises whatever shape its consumer gives it. With (N, C, H, W) taps, XLA:CPU
-    fuses a following matmul's (N, C, H*W) reshape into the stencil and indexes it by
-    division and remainder, which does not vectorise: a depthwise conv followed by a
-    1x1 conv (MEFC, MSFN, TKSA) ran 4-5x slower than the two apart.
-    """
-    kh, kw = kernels[0].shape[:2]
-    n, c, h, w = xs[0].shape
-    taps = [_flat_taps(x, kh, kw, dilation, ph, pw) for x in xs]
-    out = None
-    for j in range(kw):
-        part = None
-        for i in range(kh):
-            for x_taps, kernel in zip(taps, kernels, strict=True):
-                term = x_taps[i][j] * kernel[i, j][:, None]
-                part = term if part is None else part + term
-        part = _mask_columns(part, h, w, j * dilation - pw)
-        out = part if out is None else out + part
-    return out.reshape(n, c, h, w)
-
-
-def _shift_sum(xs: tuple[jax.Array, ...], kernels: tuple[jax.Array, ...], dilation: int,
-               ph: int, pw: int, channels_first: bool) -> jax.Array:
-    """sum over r and taps (i, j) of pad(xs[r]) shifted by (i*d, j*d), times kernels[r][i, j]."""
-    kh, kw = kernels[0].shape[:2]
-    if channels_first and _is_same_static(xs[0], kh, kw, dilation, ph, pw):
-        return _flat_shift_sum(xs, kernels, dilation, ph, pw)
-    h, w = _out_size(xs[0], kh, kw, dilation, ph, pw, channels_first)
-    padded = [_pad(x, ph, pw, channels_first) for x in xs]
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            for xp, kernel in zip(padded, kernels, strict=True):
-                tap = _tap(xp, i * dilation, j * dilation, h, w, channels_first)
-                term = tap * _per_channel(kernel[i, j], channels_first)
-                out = term if out is None else out + term
-    return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def shifted_depthwise_sum(xs: tuple[jax.Array, ...], kernels: tuple[jax.Array, ...],
-                          dilation: int, ph: int, pw: int,
-                          channels_first: bool = False) -> jax.Array:
-    """sum_r depthwise_conv(xs[r], kernels[r]) as shifted multiply-adds, one fused pass.
-
-    Every xs[r] has the same shape (NHWC, or NCHW with `channels_first`), every
-    kernel is (kh, kw, C); zero padding (ph, pw) per side (negative crops),
-    stride 1, so the output is H + 2 ph - d (kh - 1) high.
-    """
-    return _shift_sum(xs, kernels, dilation, ph, pw, channels_first)
-
-
-def _shifted_depthwise_sum_fwd(xs, kernels, dilation, ph, pw, channels_first):
-    return _shift_sum(xs, kernels, dilation, ph, pw, channels_first), (xs, kernels)
-
-
-def _shifted_depthwise_sum_bwd(dilation, ph, pw, channels_first, residuals, g):
-    # Written out because autodiff of the pads and slices is 1.4x slower on CPU:
-    # each input gradient is the same shifted sum with the flipped kernel, each
-    # kernel gradient a sum over (N, H, W) per tap. The per-tap sums are ONE variadic
-    # reduce (k*k accumulators, one pass over g): as k*k separate `jnp.sum`s, XLA:CPU's
-    # YNNPACK reduce fusion takes them and materialises every shifted tap of x as its
-    # own full-size buffer, all alive at once, which made the full model's gradient
-    # grow by gigabytes per block (> 23 GB at 2 x 64 x 64; 1.4 GB of buffers now).
-    # Only the inputs and kernels are saved for the backward (the residuals above).
-    xs, kernels = residuals
-    kh, kw = kernels[0].shape[:2]
-    qh, qw = dilation * (kh - 1) - ph, dilation * (kw - 1) - pw
-    dxs = tuple(_shift_sum((g,), (k[::-1, ::-1],), dilation, qh, qw, channels_first)
-                for k in kernels)
-    # Accumulated in at least float32, as jnp.sum does for 16-bit floats.
-    acc = jnp.promote_types(g.dtype, jnp.float32)
-    zero = jnp.zeros((), acc)
-    dks = []
-    for x, kernel in zip(xs, kernels, strict=True):
-        prods, axes = _tap_products(x, g, kh, kw, dilation, ph, pw, channels_first)
-        sums = lax.reduce(tuple(p.astype(acc) for p in prods), (zero,) * len(prods),
-                          lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), axes)
-        dks.append(jnp.stack(sums).reshape(kernel.shape).astype(kernel.dtype))
-    return dxs, tuple(dks)
-
-
-def _tap_products(x: jax.Array, g: jax.Array, kh: int, kw: int, dilation: int, ph: int,
-                  pw: int, channels_first: bool) -> tuple[list[jax.Array], tuple[int, ...]]:
-    """Tap (i, j) of x times the output gradient g, in (i, j) order, and the axes whose
-    sum is that tap's kernel gradient (the flat form where `_shift_sum` used it)."""
-    if channels_first and _is_same_static(x, kh, kw, dilation, ph, pw):
-        n, c, h, w = x.shape
-        taps = _flat_taps(x, kh, kw, dilation, ph, pw)
-        gf = g.reshape(n, c, h * w)
-        masked = [_mask_columns(gf, h, w, j * dilation - pw) for j in range(kw)]
-        # The reduce over (N, H W) vectorises where XLA may reassociate float sums, as
-        # the CPU train step allows (`train.train_compiler_options`): one 5x5 kernel
-        # gradient at 2 x 254 x 128 x 128 takes 20 ms then, 60 ms without.
-        return [taps[i][j] * masked[j] for i in range(kh) for j in range(kw)], (0, 2)
-    h, w = (g.shape[2], g.shape[3]) if channels_first else (g.shape[1], g.shape[2])
-    xp = _pad(x, ph, pw, channels_first)
-    prods = [_tap(xp, i * dilation, j * dilation, h, w, channels_first) * g
-             for i in range(kh) for j in range(kw)]
-    return prods, ((0, 2, 3) if channels_first else (0, 1, 2))
-
-
-shifted_depthwise_sum.defvjp(_shifted_depthwise_sum_fwd, _shifted_depthwise_sum_bwd)
 
 
 def _keyword(default: Any) -> Any:
