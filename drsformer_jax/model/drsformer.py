@@ -1,4 +1,8 @@
-"""The DRSformer U-Net (Flax linen; NHWC in and out, either layout inside)."""
+"""The DRSformer U-Net (Flax linen).
+
+NHWC in and out; inside, the activations are in the platform's layout (NCHW on CPU,
+NHWC on GPUs and TPUs: `convolution.FORMULATIONS`), or the one `DRSformer.layout` names.
+"""
 
 from __future__ import annotations
 

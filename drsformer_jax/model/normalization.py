@@ -15,7 +15,7 @@ def channel_mean(x: jax.Array, channels_first: bool) -> jax.Array:
     """Mean over the channel axis, kept as a size-1 axis.
 
     Channels first, a (1 x C) by (C x H*W) product with 1/C: XLA:CPU reduces over a
-    non-minor axis about 10x slower than it runs that matrix-vector product.
+    non-minor axis much more slowly than it runs that matrix-vector product.
     HIGHEST precision: TPUs would otherwise round the float32 operands to bfloat16.
     """
     if not channels_first:
@@ -28,13 +28,14 @@ def channel_mean(x: jax.Array, channels_first: bool) -> jax.Array:
 
 
 class LayerNorm(Layer):
-    """LayerNorm over the last (channel) axis with eps 1e-5 and biased variance.
+    """LayerNorm over the channel axis of each pixel, eps 1e-5, biased variance.
 
     'WithBias': (x - mean) / sqrt(var + eps) * scale + bias.
     'BiasFree': x / sqrt(var + eps) * scale -- the variance is still taken about
     the mean, but the mean is not subtracted (the release's definition).
     Statistics are computed in at least float32 (float64 stays float64).
-    `channels_first`: NCHW input, normalised over axis 1.
+    The channel axis is the last (NHWC), or axis 1 with `channels_first` (NCHW);
+    scale and bias are (C,) either way.
     """
 
     kind: str = "WithBias"
