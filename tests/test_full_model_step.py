@@ -2,7 +2,7 @@
 
 The full DRSformer (dim 48, blocks (4, 6, 6, 8), heads (1, 2, 4, 8), MEFC), with the
 CPU defaults (layout NCHW, conv_impl shift), through `train.make_train_step` on one
-device, at a 1 x 32 x 32 crop. Before the fix in `convolution.shifted_depthwise_sum`
+device, at a 1 x 32 x 32 crop. Before the fix in `cpu_stencils.shifted_depthwise_sum`
 (the kernel gradient's k*k per-tap sums were taken by XLA:CPU's YNNPACK reduce fusion,
 which materialises every shifted tap as its own buffer, all alive at once) the
 compiled program's buffers grew by gigabytes per block and the 64 x 64 step did not

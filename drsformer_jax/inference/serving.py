@@ -16,8 +16,8 @@
 Exported for one platform, the model runs that platform's formulation
 (`DRSformer.for_platform`: NHWC stencils on TPU), whatever machine exports it; for
 several, the portable one (`conv_impl="xla"`, NHWC), which is GPUs' own. One
-program holding each platform's formulation (`lax.platform_dependent`) traced 6x
-slower and was 1.7x larger, so a TPU server is best given a `--platforms tpu` export.
+program holding each platform's formulation (`lax.platform_dependent`) traces more
+slowly and is larger, so a TPU server is best given a `--platforms tpu` export.
 """
 
 from __future__ import annotations
