@@ -267,7 +267,14 @@ def test_readme_is_a_page_a_user_reads():
     assert len(text.encode()) <= README_LIMIT, f"README.md is {len(text.encode())} bytes"
     ci_command = CI_RUN.read_text().strip().splitlines()[-1]
     assert f"```bash\n{ci_command}\n```" in text, "README's test command is not .ci/run's"
-    assert "python main.py --config configs/synthetic.py" in text
+    assert ("```bash\npip install -r requirements.txt && python main.py --config "
+            "configs/synthetic.py --workdir /tmp/drsformer_synthetic\n```") in text
+
+
+def test_no_paths_of_one_machine():
+    found = [f"{page.relative_to(ROOT)}: {m}" for page in PAGES
+             for m in re.findall(r"(?<![\w.])/(?:work|home|Users|root)/\S*", page.read_text())]
+    assert not found, found
 
 
 def _anchors(page: Path) -> set[str]:
