@@ -34,12 +34,14 @@ from drsformer_jax.train.metric_writer import MetricWriter
 from drsformer_jax.train.trainer import (
     TrainingError,
     TrainState,
+    abstract_train_state,
     architecture_mismatch,
     create_learning_rate_fn,
     create_model,
     create_optimizer,
     create_train_state,
     make_train_step,
+    place_replicated,
     validate_config,
 )
 from drsformer_jax.utils.files import FolderInUseError, FolderLock, ensure_writable_dir
@@ -158,14 +160,13 @@ class _Training:
         self.restorer: Restorer | None = None  # built at the first evaluation
 
     def _restore_or_init(self) -> TrainState:
-        abstract = jax.eval_shape(lambda: create_train_state(self.config, self.model, self.tx))
         sharding = self.step_fn.state_sharding
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+        abstract = abstract_train_state(self.model, self.tx, sharding)
         self._check_architecture()
         restored = checkpoints.restore_latest_intact(self.manager, abstract)
         if restored is None:
-            state = jax.device_put(self._initial_state(), sharding)
+            # From each host's own copy: no per-leaf cross-host comparison (device_put's).
+            state = place_replicated(self._initial_state(), sharding)
             self.writer.truncate_after(0)  # lines of an earlier run that saved nothing
             if jax.process_index() == 0:
                 info = json.loads(self.config.to_json_best_effort())
