@@ -21,10 +21,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from drsformer_jax.checkpoints.export import CheckpointError
 from drsformer_jax.model.drsformer import abstract_params, from_config
+from drsformer_jax.utils.files import FolderInUseError, FolderLock
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "trainer", "model_config")
@@ -87,9 +89,67 @@ def _reason(error: BaseException) -> str:
     return first if len(first) <= 200 else first[:197] + "..."
 
 
-def _note_fallback(step_dir: Path, error: BaseException, next_dir: Path) -> None:
-    print(f"note: {step_dir}: cannot restore ({_reason(error)}); it is left as it is, "
-          f"using {next_dir} instead", file=sys.stderr)
+DAMAGED_DIR = "damaged_checkpoints"
+_ABANDONED_READ = "Event loop is closed"
+_quiet_hook_installed = False
+
+
+def _silence_abandoned_reads() -> None:
+    """Drops the 'RuntimeError: Event loop is closed' of reads a failed restore left behind.
+
+    When one array of a checkpoint cannot be read, orbax's restore raises at once and
+    closes its event loop while TensorStore still reads the other arrays; each of those
+    reads then reports to the closed loop through `sys.unraisablehook`, a traceback
+    apiece. Only that error is dropped; everything else goes to the previous hook.
+    """
+    global _quiet_hook_installed
+    if _quiet_hook_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == _ABANDONED_READ:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _quiet_hook_installed = True
+
+
+def _note_damaged(step_dir: Path, error: BaseException, fate: str, then: str) -> None:
+    """The one note about a damaged checkpoint: why, where it went, what is used instead."""
+    print(f"note: {step_dir}: cannot restore ({_reason(error)}); {fate}; {then}",
+          file=sys.stderr)
+
+
+def _set_aside(step_dir: Path) -> Path:
+    """Moves a damaged step directory to WORKDIR/damaged_checkpoints/ (never deletes it)."""
+    aside = step_dir.parent.parent / DAMAGED_DIR
+    aside.mkdir(exist_ok=True)
+    target = aside / f"{step_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(step_dir, target)
+    return target
+
+
+def _set_aside_unless_in_use(step_dir: Path) -> str:
+    """Moves a damaged step of a training workdir aside unless a training holds the workdir
+    (its checkpoint manager owns the steps); says what happened."""
+    workdir = step_dir.parent.parent
+    if step_dir.parent.name != CHECKPOINT_DIR:
+        return "left it in place (not in a training workdir)"
+    try:
+        lock = FolderLock(workdir).acquire()
+    except FolderInUseError as e:
+        return f"left it in place ({e})"
+    except OSError as e:
+        return f"left it in place (cannot write to {workdir}: {e.strerror or e})"
+    try:
+        return f"moved it to {_set_aside(step_dir)}"
+    except OSError as e:
+        return f"left it in place (cannot move it: {e.strerror or e})"
+    finally:
+        lock.release()
 
 
 def candidate_step_dirs(path: Path) -> list[Path]:
@@ -137,6 +197,7 @@ def _restore_params(step_dir: Path) -> tuple[dict[str, Any], Any]:
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                 partial_restore=True))
     except Exception as e:  # orbax raises many types for a damaged directory
+        _silence_abandoned_reads()
         raise CheckpointError(f"{step_dir}: cannot restore the checkpoint ({_reason(e)})") from e
     return config, jax.tree_util.tree_map(jax.numpy.asarray, restored["params"])
 
@@ -144,18 +205,29 @@ def _restore_params(step_dir: Path) -> tuple[dict[str, Any], Any]:
 def load_params(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     """(model config, params) from a training workdir or checkpoint step directory.
 
-    A damaged step is skipped with a note for the next one (`candidate_step_dirs`).
+    A damaged step of a workdir is skipped for the next one (`candidate_step_dirs`),
+    with one note, and moved to WORKDIR/damaged_checkpoints/ (by process 0, unless a
+    training holds the workdir).
     """
     candidates = candidate_step_dirs(Path(path))
-    first_error = None
-    for i, step_dir in enumerate(candidates):
+    damaged: list[tuple[Path, CheckpointError]] = []
+    for step_dir in candidates:
         try:
-            return _restore_params(step_dir)
+            result = _restore_params(step_dir)
         except CheckpointError as e:
-            first_error = first_error or e
-            if i + 1 < len(candidates):
-                _note_fallback(step_dir, e, candidates[i + 1])
-    raise first_error
+            damaged.append((step_dir, e))
+            continue
+        _report_damaged(damaged, f"using {step_dir} instead")
+        return result
+    raise damaged[0][1]  # none restores: more likely this environment than damage; none moved
+
+
+def _report_damaged(damaged: list[tuple[Path, CheckpointError]], then: str) -> None:
+    if jax.process_index() != 0:  # process 0 moves them and speaks for every process
+        return
+    for step_dir, error in damaged:
+        _note_damaged(step_dir, error.__cause__ or error, _set_aside_unless_in_use(step_dir),
+                      then)
 
 
 def restore_latest_intact(manager: Any, abstract_state: Any,
@@ -163,35 +235,35 @@ def restore_latest_intact(manager: Any, abstract_state: Any,
     """(step, state, trainer JSON) of the newest checkpoint that restores; None if none.
 
     Damaged newer checkpoints are moved aside to WORKDIR/damaged_checkpoints/ (by
-    process 0), never deleted, so that training can save those steps again.
+    process 0, with one note each), never deleted, so that training can save those
+    steps again.
     """
     steps = sorted(manager.all_steps(), reverse=True)
-    damaged = []
-    for i, step in enumerate(steps):
+    damaged: list[tuple[int, BaseException]] = []
+    for step in steps:
         try:
             state, trainer = restore(manager, step, abstract_state)
         except Exception as e:  # orbax raises many types for a damaged directory
-            damaged.append(step)
-            step_dir = Path(manager.directory) / str(step)
-            next_dir = (Path(manager.directory) / str(steps[i + 1]) if i + 1 < len(steps)
-                        else Path("a fresh start"))
-            _note_fallback(step_dir, e, next_dir)
+            _silence_abandoned_reads()
+            damaged.append((step, e))
             continue
-        _quarantine(manager, damaged)
+        _quarantine(manager, damaged, f"resuming from {Path(manager.directory) / str(step)}")
         return step, state, trainer
-    _quarantine(manager, damaged)
+    _quarantine(manager, damaged, "starting afresh")
     return None
 
 
-def _quarantine(manager: Any, steps: list[int]) -> None:
-    if not steps or jax.process_index() != 0:
+def _quarantine(manager: Any, damaged: list[tuple[int, BaseException]], then: str) -> None:
+    if not damaged:
         return
     root = Path(manager.directory)
-    aside = root.parent / "damaged_checkpoints"
-    aside.mkdir(exist_ok=True)
-    for step in steps:
-        target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(root / str(step), target)
-        print(f"note: moved the damaged checkpoint {root / str(step)} to {target}",
-              file=sys.stderr)
+    if jax.process_index() == 0:
+        for step, error in damaged:
+            try:
+                fate = f"moved it to {_set_aside(root / str(step))}"
+            except OSError as e:
+                fate = f"left it in place (cannot move it: {e.strerror or e})"
+            _note_damaged(root / str(step), error, fate, then)
+    if jax.process_count() > 1:  # every process's manager sees the move
+        multihost_utils.sync_global_devices("drsformer_jax: damaged checkpoints set aside")
     manager.reload()
