@@ -25,7 +25,6 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from drsformer_jax.checkpoints.export import CheckpointError
-from drsformer_jax.model.drsformer import abstract_params, from_config
 from drsformer_jax.utils.files import FolderInUseError, FolderLock
 
 CHECKPOINT_DIR = "checkpoints"
@@ -187,13 +186,19 @@ def _restore_params(step_dir: Path) -> tuple[dict[str, Any], Any]:
     # Onto one device: with the sharding given, orbax neither guesses it from the
     # checkpoint (a warning) nor needs the training mesh.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    item = {"params": jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        abstract_params(from_config(config)))}
+    state_dir = step_dir.absolute() / "state"
     try:
+        # Shapes from the checkpoint's own metadata: tracing the model for them takes
+        # seconds for the full model (the caller checks them against its model).
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            saved = handler.metadata(state_dir).tree["params"]
+        finally:
+            handler.close()
+        item = {"params": jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)}
         restored = ocp.PyTreeCheckpointer().restore(
-            step_dir.absolute() / "state",
-            args=ocp.args.PyTreeRestore(
+            state_dir, args=ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                 partial_restore=True))
     except Exception as e:  # orbax raises many types for a damaged directory

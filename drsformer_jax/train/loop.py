@@ -161,9 +161,11 @@ class _Training:
 
     def _restore_or_init(self) -> TrainState:
         sharding = self.step_fn.state_sharding
-        abstract = abstract_train_state(self.model, self.tx, sharding)
         self._check_architecture()
-        restored = checkpoints.restore_latest_intact(self.manager, abstract)
+        restored = None
+        if self.manager.all_steps():  # tracing the model for the abstract state takes seconds
+            restored = checkpoints.restore_latest_intact(
+                self.manager, abstract_train_state(self.model, self.tx, sharding))
         if restored is None:
             # From each host's own copy: no per-leaf cross-host comparison (device_put's).
             state = place_replicated(self._initial_state(), sharding)
