@@ -21,14 +21,6 @@ def test_config_is_valid(name):
     assert create_model(config).dim == config.dim
 
 
-def test_fine_tuning_config_starts_from_weights_at_a_lower_rate():
-    from configs import default, finetune
-
-    config = finetune.get_config()
-    assert config.init_from and config.learning_rate < default.get_config().learning_rate
-    assert config.lr_constant_steps + config.lr_cosine_steps == config.num_train_steps
-
-
 def test_cpu_devices_is_applied_before_jax_starts_and_checked():
     from configs import synthetic
 

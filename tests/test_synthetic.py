@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -68,15 +67,6 @@ def test_unknown_regime_or_split_is_rejected():
         synthetic.make_pair(0, "train", 0, 32, 32, "drizzle")
     with pytest.raises(ValueError, match="split"):
         synthetic.make_pair(0, "val", 0, 32, 32, "light")
-
-
-def test_a_128_pair_takes_a_few_milliseconds():
-    synthetic.make_pair(0, "train", 0, 128, 128, "heavy")
-    start = time.perf_counter()
-    for i in range(20):
-        synthetic.make_pair(0, "train", i, 128, 128, "heavy")
-    per_pair = (time.perf_counter() - start) / 20
-    assert per_pair < 0.05, per_pair  # measured ~5 ms; loose for busy CI machines
 
 
 def test_write_dataset_uses_the_release_layout(tmp_path):
