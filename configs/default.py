@@ -7,6 +7,7 @@ Every field can be overridden on the command line, e.g.
 import ml_collections
 
 from drsformer_jax.data.sources import default_dataset_config
+from drsformer_jax.release import RELEASE_OPTIM
 
 
 def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
@@ -41,20 +42,14 @@ def get_config(dataset: str = "Rain200H") -> ml_collections.ConfigDict:
     # .pth to fine-tune from (fresh optimizer, step 0). A workdir with checkpoints resumes.
     config.init_from = ""
 
-    # Optimisation: L1 loss, AdamW, constant 92k then cosine to 1e-6 over 208k.
-    config.seed = 100  # the release's manual_seed
+    # Optimisation: L1 loss, AdamW, constant 92k then cosine to 1e-6 over 208k. The
+    # release's fields (drsformer_jax/release.py, RELEASE_OPTIM): seed (its manual_seed),
+    # learning_rate, min_learning_rate, lr_constant_steps, lr_cosine_steps, adam_b1,
+    # adam_b2, adam_eps, weight_decay, grad_clip_norm.
+    config.update(RELEASE_OPTIM)
     config.num_train_steps = 300_000
     config.global_batch_size = 16  # 4 pairs on each of the release's 4 GPUs
     config.crop_size = 128
-    config.learning_rate = 3e-4
-    config.min_learning_rate = 1e-6
-    config.lr_constant_steps = 92_000
-    config.lr_cosine_steps = 208_000
-    config.adam_b1 = 0.9
-    config.adam_b2 = 0.999
-    config.adam_eps = 1e-8
-    config.weight_decay = 1e-4
-    config.grad_clip_norm = 0.01
 
     # Logging, evaluation, checkpoints.
     config.log_every_steps = 100

@@ -21,7 +21,8 @@ the train step import without TensorFlow. TensorFlow is imported in one place,
 `data.tfds_builders` inside its constructor), TensorBoard logging
 (`train.metric_writer`) or the SavedModel export (`inference.serving`, which
 imports jax2tf inside `export_saved_model`) is used. Those, and PyTorch in
-`benchmark --compare-torch` and `parity`, are the only function-level imports.
+`benchmark --compare-torch` and `release` (the release's model, for `parity`), are the
+only function-level imports.
 
 Submodules are imported lazily here so that `import drsformer_jax` stays cheap.
 """

@@ -37,7 +37,6 @@ import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from runpy import run_path
 from typing import Any
 
 import jax
@@ -53,13 +52,9 @@ from drsformer_jax.model.convolution import (
     resolve_layout,
 )
 from drsformer_jax.model.drsformer import DTYPES, DRSformer, count_params, from_config, init_params
+from drsformer_jax.release import RELEASE_OPTIM, release_class
 
 MODES = ("forward", "train")
-# The release's optimisation settings (Options/Deraining.yml).
-RELEASE_OPTIM = dict(learning_rate=3e-4, min_learning_rate=1e-6, lr_constant_steps=92_000,
-                     lr_cosine_steps=208_000, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-                     weight_decay=1e-4, grad_clip_norm=0.01, seed=100)
-ARCH_FILES = {True: "DRSformer_arch.py", False: "DRSformer_arch_200L+SPA.py"}
 
 
 def time_calls(fn: Callable[[], Any], steps: int) -> dict[str, Any]:
@@ -186,12 +181,9 @@ def bench_jax_train(model: DRSformer, params: Any, rainy: np.ndarray, clean: np.
 
 
 def load_release_model(reference_repo: Path, args: argparse.Namespace) -> Any:
-    """The release's DRSformer class, imported from its checkout (as the parity tool does)."""
-    path = Path(reference_repo) / "basicsr" / "models" / "archs" / ARCH_FILES[args.use_mefc]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --reference-repo must be a checkout of "
-                                f"the DRSformer release")
-    cls = run_path(str(path))["DRSformer"]
+    """The release's DRSformer at this benchmark's size (`release.release_class`; a
+    ReleaseError when the checkout or PyTorch is missing)."""
+    cls = release_class(reference_repo, args.use_mefc, user="benchmark --compare-torch")
     return cls(dim=args.dim, num_blocks=list(args.num_blocks), heads=list(args.heads),
                ffn_expansion_factor=2.66, bias=False, LayerNorm_type="WithBias")
 

@@ -51,9 +51,9 @@ from jax._src.lib import _jax
 from jax.experimental import topologies
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from drsformer_jax.benchmark import RELEASE_OPTIM
 from drsformer_jax.model.convolution import CONV_IMPLS, LAYOUTS
 from drsformer_jax.model.drsformer import DTYPES, REMAT, abstract_params, from_config
+from drsformer_jax.release import RELEASE_OPTIM
 from drsformer_jax.train import trainer
 
 GIB = 2 ** 30
@@ -137,7 +137,7 @@ def target_devices(target: Target, chips: int) -> list[Any]:
 
 def train_config(args: argparse.Namespace, batch_per_chip: int, chips: int,
                  remat: str) -> Any:
-    """The release's recipe (`benchmark.RELEASE_OPTIM`) with the released model's
+    """The release's recipe (`release.RELEASE_OPTIM`) with the released model's
     architecture, at this batch and crop."""
     config = ml_collections.ConfigDict(dict(
         RELEASE_OPTIM, global_batch_size=batch_per_chip * chips, crop_size=args.height,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import runpy
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from drsformer_jax.checkpoints.export import CheckpointError
 from drsformer_jax.checkpoints.loading import load, load_params
 from drsformer_jax.checkpoints.torch_format import TorchCheckpointError
 from drsformer_jax.inference.tiling import pad_to_multiple
+from drsformer_jax.release import ARCH_FILES, ReleaseError, import_torch, release_class
 from drsformer_jax.utils.images import from_float, read_rgb8, to_float
 
 F64_TOLERANCE = 1e-9
@@ -42,30 +42,12 @@ F32_TOLERANCE = 1e-5
 # score is ~1e-7 of the row's range, and the two implementations' activations drift
 # apart by ~1e-6 through the network; 1e-5 leaves a margin.
 NEAR_TIE = 1e-5
-ARCH_FILES = {True: "DRSformer_arch.py", False: "DRSformer_arch_200L+SPA.py"}
 NUM_TOPK = 4  # each attention calls torch.topk four times, one per sparsity
 
 
 class ParityError(RuntimeError):
-    """The comparison cannot run (no PyTorch, no reference checkout, a bad input)."""
-
-def import_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise ParityError("PyTorch is not installed: the parity check runs the release's "
-                          "PyTorch code (pip install torch)") from None
-    return torch
-
-
-def release_class(reference_repo: str | Path, use_mefc: bool) -> type:
-    """The release's DRSformer class, imported from a checkout of its code."""
-    path = Path(reference_repo) / "basicsr" / "models" / "archs" / ARCH_FILES[use_mefc]
-    if not path.is_file():
-        raise ParityError(f"{path}: not found; --reference-repo must be a checkout of "
-                          f"cschenxiang/DRSformer")
-    import_torch()
-    return runpy.run_path(str(path))["DRSformer"]
+    """The comparison cannot run (a bad input; no PyTorch or no reference checkout is
+    `release.ReleaseError`)."""
 
 
 def release_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return compare(args)
-    except (ParityError, CheckpointError, TorchCheckpointError) as e:
+    except (ParityError, ReleaseError, CheckpointError, TorchCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

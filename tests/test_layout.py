@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "drsformer_jax"
 # Function-level imports allowed: the documented boundary (package docstring).
 BOUNDARY = {("utils/lazy_tf.py", "tensorflow"), ("data/sources.py", "drsformer_jax.data"),
-            ("benchmark.py", "torch"), ("parity.py", "torch"),
+            ("benchmark.py", "torch"), ("release.py", "torch"),
             ("inference/serving.py", "jax.experimental")}
 
 

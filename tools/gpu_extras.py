@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from drsformer_jax import benchmark, train  # noqa: E402
 from drsformer_jax.model.drsformer import from_config, init_params  # noqa: E402
+from drsformer_jax.release import RELEASE_OPTIM, ReleaseError  # noqa: E402
 
 TINY_ARCH = dict(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2))
 FULL_ARCH = dict(dim=48, num_blocks=(4, 6, 6, 8), heads=(1, 2, 4, 8))
@@ -234,7 +235,7 @@ class JaxRunner:
     def compiled_train_memory(self, batch: int, remat: str) -> dict[str, int]:
         """A float32 train step's memory at `batch`, compiled and not run."""
         model = build_model(self.tiny, "float32", remat)
-        config = types.SimpleNamespace(**benchmark.RELEASE_OPTIM, global_batch_size=batch)
+        config = types.SimpleNamespace(**RELEASE_OPTIM, global_batch_size=batch)
         step, state, data = train_arguments(model, config, self.host_params, batch, self.size)
         return benchmark._memory(step.fn.lower(state, data).compile())
 
@@ -272,7 +273,7 @@ class JaxRunner:
     def one_step(self, batch: int, check: Callable[[Any], None]) -> None:
         """Compiles, checks and runs one float32 train step on fresh arguments."""
         model = build_model(self.tiny, "float32")
-        config = types.SimpleNamespace(**benchmark.RELEASE_OPTIM, global_batch_size=batch)
+        config = types.SimpleNamespace(**RELEASE_OPTIM, global_batch_size=batch)
         step, state, data = train_arguments(model, config, self.host_params, batch, self.size)
         compiled = step.fn.lower(state, data).compile()
         check(compiled)
@@ -377,7 +378,7 @@ def main_torch(args: argparse.Namespace) -> int:
 
         result["torch_version"] = torch.__version__
         benchmark.load_release_model(args.reference_repo, torch_args(plan(True)[0], args))
-    except (ImportError, FileNotFoundError, TypeError) as e:
+    except (ImportError, ReleaseError, TypeError) as e:
         result["unavailable"] = f"{type(e).__name__}: {e}"
         print(f"PyTorch comparison unavailable: {result['unavailable']}", file=sys.stderr)
         write_json(args.json, result)

@@ -26,12 +26,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from runpy import run_path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from drsformer_jax.parity import run_release  # noqa: E402
+from drsformer_jax.release import release_class  # noqa: E402
 from drsformer_jax.testing import odd_images, random_state_dict  # noqa: E402
 
 # Seeds 2023-2032 all have a top-k row within 1e-5 of a tie (relative gap) in some
@@ -46,8 +46,6 @@ VARIANTS = {
     "biasfree_bias": dict(dim=16, num_blocks=[1, 1, 1, 1], heads=[1, 2, 2, 4],
                           ffn_expansion_factor=2.0, bias=True, LayerNorm_type="BiasFree"),
 }
-ARCH_FILES = {"mefc": "DRSformer_arch.py", "no_mefc": "DRSformer_arch_200L+SPA.py",
-              "biasfree_bias": "DRSformer_arch.py"}
 INPUT_SHAPE = (2, 48, 64)
 
 
@@ -68,12 +66,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)  # deterministic reductions
-    archs = args.reference_repo / "basicsr" / "models" / "archs"
     x = odd_images(*INPUT_SHAPE)
     fixture: dict[str, np.ndarray] = {"seed": np.array(SEED), "input": x,
                                       "torch_version": np.array(torch.__version__)}
     for variant, kwargs in VARIANTS.items():
-        model = run_path(str(archs / ARCH_FILES[variant]))["DRSformer"](**kwargs).eval()
+        cls = release_class(args.reference_repo, variant != "no_mefc", user="this tool")
+        model = cls(**kwargs).eval()
         names_shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
         sd = random_state_dict(names_shapes, SEED)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)

@@ -12,10 +12,10 @@ and in float32 the release then computes:
 
 - the autograd gradient of `F.l1_loss(model(rainy), clean)` at the initial
   weights on batch 0;
-- UPDATES updates of the release's recipe on batches 0, 1, 0: loss.backward(),
-  `clip_grad_norm_(params, GRAD_CLIP)`, `torch.optim.AdamW(lr, betas,
-  weight_decay, eps)` step; the loss of each update, then the loss on batch 1
-  after the last update.
+- UPDATES updates of the release's recipe (`drsformer_jax.release.RELEASE_OPTIM`)
+  on batches 0, 1, 0: loss.backward(), `clip_grad_norm_(params, grad_clip_norm)`,
+  `torch.optim.AdamW(lr, betas, weight_decay, eps)` step; the loss of each update,
+  then the loss on batch 1 after the last update.
 
 The gradient has too many entries (334k) to store small, so the fixture keeps,
 per tensor, its L2 norm and SAMPLES entries at seeded positions (every entry
@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from runpy import run_path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from drsformer_jax.parity import record_topk_gaps  # noqa: E402
+from drsformer_jax.release import RELEASE_OPTIM, release_class  # noqa: E402
 from drsformer_jax.testing import odd_images, random_state_dict  # noqa: E402
 
 SEED = 8
@@ -41,7 +41,6 @@ CONFIG = dict(dim=8, num_blocks=[1, 1, 1, 1], heads=[1, 1, 1, 1], ffn_expansion_
 BATCH_SHAPE = (2, 32, 32)
 BATCH_SEEDS = ((11, 12), (13, 14))  # (rainy, clean) image seeds of batch 0 and 1
 UPDATES = 3
-LEARNING_RATE, BETAS, WEIGHT_DECAY, EPS, GRAD_CLIP = 3e-4, (0.9, 0.999), 1e-4, 1e-8, 0.01
 SAMPLES = 64
 
 
@@ -81,14 +80,17 @@ def run(torch, cls, sd: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
         grads = torch.autograd.grad(loss, list(named.values()))
         grad = {k: g.detach().double().numpy() for k, g in zip(named, grads, strict=True)}
 
-        opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=BETAS, eps=EPS,
-                                weight_decay=WEIGHT_DECAY)
+        o = RELEASE_OPTIM
+        opt = torch.optim.AdamW(model.parameters(), lr=o["learning_rate"],
+                                betas=(o["adam_b1"], o["adam_b2"]), eps=o["adam_eps"],
+                                weight_decay=o["weight_decay"])
         losses, norms = [], []
         for step in range(UPDATES):
             opt.zero_grad()
             loss = loss_of(step % 2)
             loss.backward()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                               o["grad_clip_norm"])))
             opt.step()
             losses.append(float(loss.detach()))
         with torch.no_grad():
@@ -107,8 +109,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)  # deterministic reductions
-    cls = run_path(str(args.reference_repo / "basicsr" / "models" / "archs"
-                       / "DRSformer_arch.py"))["DRSformer"]
+    cls = release_class(args.reference_repo, use_mefc=True, user="this tool")
     names_shapes = [(k, tuple(v.shape)) for k, v in cls(**CONFIG).state_dict().items()]
     sd = random_state_dict(names_shapes, args.seed)
     fixture: dict[str, np.ndarray] = {
