@@ -6,7 +6,7 @@
 Subpackages, by concern:
   model/        the network (U-Net, TKSA, MSFN, MEFC, layers, PyTorch-style init)
   data/         pair sources, the tf.data training pipeline, TFDS builders, synthetic rain
-  checkpoints/  export directories, training checkpoints, release .pth files, `load`
+  checkpoints/  converted-weights directories, training checkpoints, release .pth files, `load`
   train/        train state, optimizer and step; the training loop; metric logging
   evaluation/   PSNR / SSIM protocols, score files, the one evaluator
   inference/    padding and tiles, memory planning, the compilation cache, the Restorer

@@ -8,7 +8,7 @@ Forward: reads `{'params': state_dict}` or a bare state dict (names all prefixed
 note), infers the architecture from tensor names and shapes, checks that every
 tensor maps onto the model (reporting all missing, unexpected and mis-shaped
 names at once) and that every weight is finite, then writes an export directory
-(`checkpoints.export`). Nothing is written unless everything fits. Reverse: any
+(`checkpoints.weights_dir`). Nothing is written unless everything fits. Reverse: any
 Flax checkpoint `drsformer_jax.load` accepts (export directory, training workdir
 or step directory) becomes a release-format `.pth` that the release loads with
 `strict=True`; a `.pth` given there is refused (use it as it is). PyTorch is not
@@ -26,9 +26,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from drsformer_jax.checkpoints.conversion import describe, write_torch_checkpoint
-from drsformer_jax.checkpoints.export import CheckpointError, save_export
 from drsformer_jax.checkpoints.loading import check_path, load_params
 from drsformer_jax.checkpoints.torch_format import TorchCheckpointError
+from drsformer_jax.checkpoints.weights_dir import CheckpointError, save_export
 from drsformer_jax.utils.files import ensure_writable_dir, quiet_library_logs
 
 

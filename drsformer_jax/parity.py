@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drsformer_jax.checkpoints.export import CheckpointError
 from drsformer_jax.checkpoints.loading import load, load_params
 from drsformer_jax.checkpoints.torch_format import TorchCheckpointError
+from drsformer_jax.checkpoints.weights_dir import CheckpointError
 from drsformer_jax.inference.tiling import pad_to_multiple
 from drsformer_jax.release import ARCH_FILES, ReleaseError, import_torch, release_class
 from drsformer_jax.utils.images import from_float, read_rgb8, to_float

@@ -182,7 +182,7 @@ def _sd_with(small_sd, bad_names, value=np.nan):
 
 def test_a_nan_weight_is_refused_by_convert_and_load(small_sd, tmp_path, capsys):
     import drsformer_jax
-    from drsformer_jax.checkpoints.export import CheckpointError
+    from drsformer_jax.checkpoints.weights_dir import CheckpointError
 
     pth = tmp_path / "model.pth"
     save_pth(pth, _sd_with(small_sd, ["output.weight"]))
@@ -208,7 +208,7 @@ def test_many_non_finite_weights_are_counted(small_sd, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny model's config and params, and an export directory of them."""
-    from drsformer_jax.checkpoints.export import save_export
+    from drsformer_jax.checkpoints.weights_dir import save_export
     from drsformer_jax.model.drsformer import DRSformer, init_params
 
     model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
@@ -228,8 +228,8 @@ def _poisoned(params):
 
 def test_non_finite_weights_in_an_export_dir_and_a_training_checkpoint(tiny, tmp_path, capsys):
     from drsformer_jax.checkpoints import training
-    from drsformer_jax.checkpoints.export import CheckpointError, save_export
     from drsformer_jax.checkpoints.loading import load_params
+    from drsformer_jax.checkpoints.weights_dir import CheckpointError, save_export
 
     config, params, _ = tiny
     bad = _poisoned(params)
@@ -454,7 +454,7 @@ def test_a_write_failing_midway_is_reported_and_cleaned_up(direction, small_sd, 
     import errno
     import os
 
-    from drsformer_jax.checkpoints import export, torch_format
+    from drsformer_jax.checkpoints import torch_format, weights_dir
 
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -464,7 +464,7 @@ def test_a_write_failing_midway_is_reported_and_cleaned_up(direction, small_sd, 
     if direction == "to-flax":
         pth = tmp_path / "a.pth"
         save_pth(pth, small_sd)
-        monkeypatch.setattr(export.ocp, "StandardCheckpointer", fail)
+        monkeypatch.setattr(weights_dir.ocp, "StandardCheckpointer", fail)
         argv = ["--torch-checkpoint", str(pth), "--output", str(folder / "export")]
         out = folder / "export"
     else:

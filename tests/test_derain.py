@@ -316,7 +316,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    from drsformer_jax.checkpoints.export import save_export
+    from drsformer_jax.checkpoints.weights_dir import save_export
     from drsformer_jax.model.drsformer import DRSformer, init_params
 
     model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)

@@ -44,7 +44,7 @@ def env(tmp_path_factory):
     """A tiny synthetic config, export dir and training workdir; a shared compilation cache."""
     from configs import synthetic
     from drsformer_jax.checkpoints import training as train_checkpoints
-    from drsformer_jax.checkpoints.export import save_export
+    from drsformer_jax.checkpoints.weights_dir import save_export
     from drsformer_jax.model.drsformer import DRSformer, init_params
 
     base = tmp_path_factory.mktemp("evaluate")

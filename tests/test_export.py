@@ -9,7 +9,7 @@ import pytest
 
 import drsformer_jax
 from drsformer_jax import derain, export
-from drsformer_jax.checkpoints.export import save_export
+from drsformer_jax.checkpoints.weights_dir import save_export
 from drsformer_jax.inference import pad_to_multiple
 from drsformer_jax.model import DRSformer, init_params
 from drsformer_jax.utils.images import read_image, write_image

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from drsformer_jax.checkpoints.export import CheckpointError
 from drsformer_jax.checkpoints.names import (
     flax_to_torch,
     to_flax_array,
@@ -28,6 +27,7 @@ from drsformer_jax.checkpoints.names import (
     torch_to_flax,
 )
 from drsformer_jax.checkpoints.torch_format import load_pth, save_pth
+from drsformer_jax.checkpoints.weights_dir import CheckpointError
 from drsformer_jax.model.drsformer import abstract_params, from_config
 from drsformer_jax.utils.files import first_names
 

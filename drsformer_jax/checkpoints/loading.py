@@ -13,14 +13,14 @@ from flax import traverse_util
 
 from drsformer_jax.checkpoints import training
 from drsformer_jax.checkpoints.conversion import read_torch_checkpoint
-from drsformer_jax.checkpoints.export import (
+from drsformer_jax.checkpoints.names import flax_to_torch, torch_sort_key
+from drsformer_jax.checkpoints.weights_dir import (
     PARAMS_DIR,
     CheckpointError,
     is_export_dir,
     read_model_config,
     restore_params,
 )
-from drsformer_jax.checkpoints.names import flax_to_torch, torch_sort_key
 from drsformer_jax.model.drsformer import DRSformer, abstract_params, from_config
 from drsformer_jax.utils.files import first_names
 

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
-from drsformer_jax.checkpoints.export import CheckpointError
+from drsformer_jax.checkpoints.weights_dir import CheckpointError
 from drsformer_jax.utils.files import FolderInUseError, FolderLock
 
 CHECKPOINT_DIR = "checkpoints"

@@ -1,7 +1,8 @@
-"""Export directories: what `convert` writes and `drsformer_jax.load` reads.
+"""Converted-weights directories: what `convert` writes and `drsformer_jax.load` reads.
 
-An export directory holds `config.json` (the model's architecture fields) and
-`params/` (an orbax checkpoint of `{"params": ...}`).
+Such a directory (an "export directory" in messages and older notes) holds
+`config.json` (the model's architecture fields) and `params/` (an orbax checkpoint of
+`{"params": ...}`).
 """
 
 from __future__ import annotations
