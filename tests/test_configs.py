@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from drsformer_jax.train.trainer import create_model, validate_config
+from drsformer_jax.train.config_checks import validate_config
+from drsformer_jax.train.trainer import create_model
 
 NAMES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")
                if p.stem != "__init__")

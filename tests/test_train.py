@@ -89,8 +89,7 @@ def test_train_step_reduces_l1_loss():
     rng = np.random.default_rng(0)
     clean = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
     batch = {"input": jnp.asarray(np.clip(clean + 0.3, 0, 1)), "target": jnp.asarray(clean)}
-    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx,
-                                                 learning_rate_fn=lambda c: 2e-3))
+    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx))
     losses = []
     for _ in range(8):
         state, metrics = step(state, batch)

@@ -1,11 +1,12 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-In steps: `_setup` (model, optimizer, mesh, compiled step, checkpoint manager,
-metric writer), `_restore_or_init` (resume from the latest checkpoint, else a
-fresh state), `_run` (the step loop), `_log` / `_evaluate` / `_save` (what
-happens at log, evaluation and checkpoint steps), `_shutdown`. SIGTERM asks for
-a checkpoint at the next step boundary and an exit with status 143; on several
-hosts they agree on the step through orbax's preemption sync point.
+`train_and_evaluate` reads top to bottom: `TrainingRun.setup` (model, schedule,
+optimizer, mesh, compiled step, checkpoint manager, metric writer),
+`restore_or_init` (resume from the latest checkpoint, else a fresh state), `run`
+(the step loop; after each update `_step_boundary` logs, evaluates and saves as
+the config asks), `shutdown`. SIGTERM asks for a checkpoint at the next step
+boundary and an exit with status 143; on several hosts they agree on the step
+through orbax's preemption sync point.
 """
 
 from __future__ import annotations
@@ -30,19 +31,21 @@ from drsformer_jax.evaluation.evaluator import evaluate_during_training
 from drsformer_jax.inference import Restorer
 from drsformer_jax.inference.cache import default_cache_dir, using_compilation_cache
 from drsformer_jax.model.drsformer import count_params, model_config
+from drsformer_jax.train.config_checks import (
+    TrainingError,
+    architecture_mismatch,
+    validate_config,
+)
 from drsformer_jax.train.metric_writer import MetricWriter
 from drsformer_jax.train.trainer import (
-    TrainingError,
     TrainState,
     abstract_train_state,
-    architecture_mismatch,
     create_learning_rate_fn,
     create_model,
     create_optimizer,
     create_train_state,
     make_train_step,
     place_replicated,
-    validate_config,
 )
 from drsformer_jax.utils.files import FolderInUseError, FolderLock, ensure_writable_dir
 from drsformer_jax.utils.images import write_image
@@ -102,6 +105,26 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _Throughput:
+    """Steps and seconds since the last log line; evaluation time is left out."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add_step(self) -> None:
+        self.steps += 1
+
+    def exclude_since(self, moment: float) -> None:
+        """The time from `moment` to now (an evaluation) does not count."""
+        self.start += time.perf_counter() - moment
+
+    def steps_per_second(self) -> float:
+        return self.steps / max(time.perf_counter() - self.start, 1e-9)
+
+
 def _print(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
@@ -121,8 +144,8 @@ def write_before_after(path: Path, rainy: np.ndarray, restored: np.ndarray,
     write_image(path, np.concatenate([rainy, gap, restored, gap, clean], axis=1))
 
 
-class _Training:
-    """The state of one training run; the methods are the loop's steps."""
+class TrainingRun:
+    """One training run in a workdir; `train_and_evaluate` calls its steps in order."""
 
     def __init__(self, config: Any, workdir: str) -> None:
         self.config, self.workdir = config, Path(workdir)
@@ -130,10 +153,12 @@ class _Training:
         self.global_batch = int(config.global_batch_size)
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
         self.window, self.last_eval = _Window(), {}
+        self.throughput = _Throughput()
         self.lock: FolderLock | None = None
         self.started_from = ""
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Checks the config and the workdir, then builds everything the loop uses."""
         config = self.config
         validate_config(config)
         self.model = create_model(config)
@@ -150,8 +175,8 @@ class _Training:
                 raise TrainingError(f"{e}; wait for it to finish or choose another "
                                     "--workdir") from None
         pipeline.check_dataset(config)
-        self.tx = create_optimizer(config)
         self.learning_rate_fn = create_learning_rate_fn(config)
+        self.tx = create_optimizer(config, self.learning_rate_fn)
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
         self.step_fn = make_train_step(config, self.model, self.tx, mesh)
         self.manager = checkpoints.open_manager(self.workdir, keep=int(config.keep_checkpoints))
@@ -159,7 +184,8 @@ class _Training:
         self.eval_set = pipeline.load_eval_set(config)
         self.restorer: Restorer | None = None  # built at the first evaluation
 
-    def _restore_or_init(self) -> TrainState:
+    def restore_or_init(self) -> TrainState:
+        """The latest intact checkpoint of the workdir, else a fresh (or init_from) state."""
         sharding = self.step_fn.state_sharding
         self._check_architecture()
         restored = None
@@ -235,8 +261,8 @@ class _Training:
             self.window.add(values)
         self.pending.clear()
 
-    def _log(self, step: int, seconds: float, steps: int) -> None:
-        rate = steps / max(seconds, 1e-9)
+    def _log(self, step: int) -> None:
+        rate = self.throughput.steps_per_second()
         scalars = self.window.means()
         scalars["learning_rate"] = float(self.learning_rate_fn(step - 1))
         scalars.update(steps_per_sec=rate, images_per_sec=rate * self.global_batch)
@@ -246,6 +272,7 @@ class _Training:
                f"{scalars['learning_rate']:.3g}, grad norm {scalars['grad_norm']:.4f}, "
                f"{rate:.2f} steps/s, {rate * self.global_batch:.1f} images/s, ETA {eta}")
         self.window.reset()
+        self.throughput.restart()
 
     def _evaluate(self, step: int, state: TrainState) -> dict[str, float]:
         # This process's copy of the replicated parameters, on one local device.
@@ -278,26 +305,27 @@ class _Training:
         checkpoints.save(self.manager, step, state, trainer, self.arch,
                          {"psnr": eval_metrics["psnr"]} if eval_metrics else None)
 
-    def _step_boundary(self, step: int, state: TrainState, stop: bool,
-                       timer: list[float]) -> None:
+    def _step_boundary(self, step: int, state: TrainState, stop: bool) -> None:
         """What happens after update `step`: logging, evaluation, checkpointing."""
         config, last = self.config, step == self.num_steps
-        if step % int(config.log_every_steps) == 0 or last:
-            self._drain()
-            self._log(step, time.perf_counter() - timer[0], int(timer[1]))
-            timer[:] = [time.perf_counter(), 0]
+        log = step % int(config.log_every_steps) == 0 or last
+        evaluate = step % int(config.eval_every_steps) == 0 or last
+        save = step % int(config.checkpoint_every_steps) == 0 or evaluate or last or stop
+        if not (log or evaluate or save):
+            return
+        self._drain()  # the steps' scalars, checked finite before anything is saved
+        if log:
+            self._log(step)
         eval_metrics = None
-        if step % int(config.eval_every_steps) == 0 or last:
-            self._drain()
+        if evaluate:
+            started = time.perf_counter()
             eval_metrics = self._evaluate(step, state)
-            timer[0] = time.perf_counter()  # keep evaluation out of steps/s
-        if (step % int(config.checkpoint_every_steps) == 0 or eval_metrics is not None
-                or last or stop):
-            self._drain()
+            self.throughput.exclude_since(started)
+        if save:
             self._save(step, state, eval_metrics)
 
-    def run(self) -> dict[str, float]:
-        state = self._restore_or_init()
+    def run(self, state: TrainState) -> dict[str, float]:
+        """Updates `state` up to num_train_steps; returns the last evaluation's metrics."""
         step = int(jax.device_get(state.step))
         _print(f"DRSformer {self.arch}: {count_params(state.params):,} parameters; "
                f"{jax.device_count()} device(s) on {jax.process_count()} host(s); global batch "
@@ -312,17 +340,17 @@ class _Training:
             self.config, start_step=step, process_index=jax.process_index(),
             process_count=jax.process_count())
         sharding = self.step_fn.batch_sharding
-        timer = [time.perf_counter(), 0]  # start of the logging window, steps in it
+        self.throughput.restart()
         with _Preemption(self.manager) as preemption:
             while step < self.num_steps:
                 batch = {k: jax.make_array_from_process_local_data(sharding, v)
                          for k, v in next(batches).items()}
                 state, step_metrics = self.step_fn.fn(state, batch)
                 step += 1
-                timer[1] += 1
+                self.throughput.add_step()
                 self.pending.append((step, step_metrics))
                 stop = preemption.should_stop(step)
-                self._step_boundary(step, state, stop, timer)
+                self._step_boundary(step, state, stop)
                 if stop and step < self.num_steps:
                     self.manager.wait_until_finished()
                     _print(f"SIGTERM: saved a checkpoint at step {step}; exiting. Run the "
@@ -334,6 +362,7 @@ class _Training:
         return self.last_eval
 
     def shutdown(self) -> None:
+        """Waits for a pending save, closes the manager and writer, frees the workdir."""
         # On every way out (errors included) a pending async save completes and no
         # orbax thread outlives the interpreter.
         if hasattr(self, "manager"):
@@ -346,9 +375,10 @@ class _Training:
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
-    training = _Training(config, workdir)
+    training = TrainingRun(config, workdir)
     try:
-        training._setup()
-        return training.run()
+        training.setup()
+        state = training.restore_or_init()
+        return training.run(state)
     finally:
         training.shutdown()

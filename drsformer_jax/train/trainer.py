@@ -24,22 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from drsformer_jax.evaluation import metrics
 from drsformer_jax.model.drsformer import (
-    SIZE_MULTIPLE,
     DRSformer,
     abstract_params,
     from_config,
     init_params,
-    model_config,
 )
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a bad configuration)."""
+from drsformer_jax.train.config_checks import TrainingError, check_batch_splits
 
 
 @flax.struct.dataclass
@@ -83,11 +78,14 @@ def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def create_optimizer(config: Any) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (decoupled weight decay on every parameter)."""
+def create_optimizer(config: Any, learning_rate_fn: Callable[[jax.Array], jax.Array] | None
+                     = None) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decoupled weight decay on every parameter) with
+    `learning_rate_fn` (default: `create_learning_rate_fn(config)`)."""
+    schedule = learning_rate_fn or create_learning_rate_fn(config)
     return optax.chain(
         clip_grad_norm(float(config.grad_clip_norm)),
-        optax.adamw(create_learning_rate_fn(config), b1=float(config.adam_b1),
+        optax.adamw(schedule, b1=float(config.adam_b1),
                     b2=float(config.adam_b2), eps=float(config.adam_eps),
                     weight_decay=float(config.weight_decay)))
 
@@ -128,8 +126,6 @@ def check_same_on_every_process(host_tree: Any, what: str) -> None:
     once), e.g. an init_from file that differs between hosts."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     crc = 0
     for leaf in jax.tree_util.tree_leaves(host_tree):
         crc = zlib.crc32(np.ascontiguousarray(leaf).reshape(-1).view(np.uint8), crc)
@@ -151,8 +147,7 @@ def l1_loss(params: Any, batch: dict[str, jax.Array], model: DRSformer) -> jax.A
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: DRSformer,
-               tx: optax.GradientTransformation,
-               learning_rate_fn: Callable[[jax.Array], jax.Array]) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """One AdamW update on the L1 loss of model(rainy) against clean.
 
     Jitted with the batch sharded over the devices (`make_train_step`), each
@@ -164,53 +159,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: DRSform
     params = optax.apply_updates(state.params, updates)
     # Whether the new parameters are finite: checked before they are checkpointed.
     finite = jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])
+    # The learning rate is the schedule's at the step: the loop computes it on the host.
     metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": learning_rate_fn(state.step), "params_finite": jnp.all(finite)}
+               "params_finite": jnp.all(finite)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def validate_config(config: Any) -> None:
-    """The training config's cheap checks, before anything is compiled or written."""
-    positive = ("global_batch_size", "crop_size", "log_every_steps", "eval_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints", "lr_cosine_steps")
-    problems = [f"{name} must be > 0, got {config[name]}" for name in positive
-                if int(config[name]) <= 0]
-    problems += [f"{name} must be >= 0, got {config[name]}"
-                 for name in ("num_train_steps", "lr_constant_steps", "learning_rate",
-                              "min_learning_rate", "weight_decay", "grad_clip_norm",
-                              "cpu_devices")
-                 if float(config[name]) < 0]
-    if int(config.crop_size) % SIZE_MULTIPLE:
-        problems.append(f"crop_size must be a multiple of {SIZE_MULTIPLE}, got "
-                        f"{config.crop_size}")
-    if str(config.eval_protocol) not in metrics.PROTOCOLS:
-        problems.append(f"eval_protocol must be one of {', '.join(metrics.PROTOCOLS)}, got "
-                        f"{config.eval_protocol!r}")
-    if problems:
-        raise TrainingError("config: " + "; ".join(problems))
-
-
-def architecture_mismatch(recorded: dict[str, Any], model: DRSformer) -> str | None:
-    """None when a checkpoint's model config is `model`'s; else which fields differ,
-    with the command-line overrides that would make them equal."""
-    mine = model_config(model)
-    differ = [k for k in mine if k in recorded and _normal(recorded[k]) != _normal(mine[k])]
-    differ += [k for k in recorded if k not in mine]
-    if not differ:
-        return None
-    had = ", ".join(f"{k}={_normal(recorded.get(k))}" for k in differ)
-    now = ", ".join(f"{k}={_normal(mine.get(k))}" for k in differ)
-    fix = " ".join(f"--config.{k}={_flag(recorded[k])}" for k in differ if k in mine)
-    return f"{had} (this config: {now}); to match it, add {fix}"
-
-
-def _normal(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list | tuple) else value
-
-
-def _flag(value: Any) -> str:
-    return f"({','.join(str(v) for v in value)})" if isinstance(value, list | tuple) else str(
-        value)
 
 
 def create_model(config: Any) -> DRSformer:
@@ -228,20 +180,6 @@ class CompiledStep:
     fn: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]
     state_sharding: NamedSharding
     batch_sharding: NamedSharding
-
-
-def check_batch_splits(config: Any, devices: int) -> None:
-    """TrainingError unless the global batch is a multiple of the device count; it names
-    the smallest batch that is and the learning rate scaled with it (the linear rule)."""
-    batch = int(config.global_batch_size)
-    if batch % devices == 0:
-        return
-    valid = -(-batch // devices) * devices
-    lr = float(config.learning_rate) * valid / batch
-    raise TrainingError(
-        f"global_batch_size {batch} does not split over the {devices} devices: the smallest "
-        f"that does is --config.global_batch_size={valid}; with the usual linear scaling "
-        f"of the learning rate, --config.learning_rate={lr:.3g}")
 
 
 def mesh_platform(mesh: Mesh | AbstractMesh) -> str:
@@ -265,8 +203,7 @@ def make_train_step(config: Any, model: DRSformer, tx: optax.GradientTransformat
     check_batch_splits(config, mesh.shape["data"])
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     platform = mesh_platform(mesh)
-    step = functools.partial(train_step, model=model.for_platform(platform), tx=tx,
-                             learning_rate_fn=create_learning_rate_fn(config))
+    step = functools.partial(train_step, model=model.for_platform(platform), tx=tx)
     fn = jax.jit(step, in_shardings=(replicated, batch_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=0,
                  compiler_options=train_compiler_options(platform))
