@@ -101,7 +101,7 @@ class DRSformer(nn.Module):
     only their inputs; `conv_impl` picks the depthwise / grouped convolution
     formulation and `layout` the activation layout inside the model ("auto": the
     platform's, see `for_platform` and `convolution.FORMULATIONS`), as does
-    `recompute` (MSFN's depthwise branches and MEFC's steps run again in the
+    `recompute` (MSFN's project_in and depthwise branches and MEFC's steps run again in the
     backward pass instead of keeping their activations: less memory, a little more
     time; off on CPU); `matmul_precision` is that of every matmul and convolution
     but TKSA's scores, which are always at "highest" (None: JAX's default;

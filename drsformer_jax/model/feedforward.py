@@ -30,9 +30,9 @@ class MixedScaleFeedForward(Layer):
     channel of a3 and the first of a5, which is what the weights were trained
     with; project_out on [x1, x2].
 
-    `recompute`: the branches (everything between the two 1x1 convolutions) run
+    `recompute`: project_in and the branches (everything before project_out) run
     again in the backward pass instead of keeping their activations, so that only
-    project_in's output and [x1, x2] are kept: 2h + 2h channels instead of about 8h.
+    the input and [x1, x2] are kept: dim + 2h channels instead of about 10h.
     """
 
     dim: int
@@ -42,19 +42,18 @@ class MixedScaleFeedForward(Layer):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = hidden_features(self.dim, self.ffn_expansion_factor)
-        x = Conv(2 * h, 1, name="project_in", **self._conv_options())(x)
-        x = (nn.remat(MixedScaleFeedForward._branches) if self.recompute
-             else MixedScaleFeedForward._branches)(self, x)
+        x = (nn.remat(MixedScaleFeedForward._expand) if self.recompute
+             else MixedScaleFeedForward._expand)(self, x)
         return Conv(self.dim, 1, name="project_out", **self._conv_options())(x)
 
     def _conv_options(self) -> dict:
         return dict(use_bias=self.use_bias, **self.options())
 
-    def _branches(self, x: jax.Array) -> jax.Array:
-        """project_in's output (2h channels) -> [x1, x2] (2h channels)."""
-        h, kw = x.shape[channel_axis(self.channels_first)] // 2, self._conv_options()
+    def _expand(self, x: jax.Array) -> jax.Array:
+        """The input (dim channels) -> project_in (2h) -> [x1, x2] (2h channels)."""
+        h, kw = hidden_features(self.dim, self.ffn_expansion_factor), self._conv_options()
         cax = channel_axis(self.channels_first)
+        x = Conv(2 * h, 1, name="project_in", **kw)(x)
         d3 = nn.relu(DepthwiseConv(2 * h, 3, name="dwconv3x3", **kw)(x))
         d5 = nn.relu(DepthwiseConv(2 * h, 5, name="dwconv5x5", **kw)(x))
         a3, b3 = jnp.split(d3, 2, axis=cax)
