@@ -58,7 +58,6 @@ from drsformer_jax.inference import Restorer, make_restorer
 from drsformer_jax.utils.files import (
     ensure_writable_dir,
     first_names,
-    list_images,
     quiet_library_logs,
     write_bytes_atomic,
     write_json_atomic,
@@ -156,26 +155,6 @@ def _data_roots(data: Path) -> list[tuple[Path, str]]:
             (data.parent, data.name)]
 
 
-def _pairs_that_pair(base: Path, dataset: str, split: str) -> tuple[FolderPairs, str] | None:
-    """The inputs and targets of `base` whose stems match, and a note naming the others;
-    None when nothing pairs. (A sample set may lack a target: score the rest.)"""
-    listed = []
-    for kind in ("input", "target"):
-        folder = base / kind
-        files = {p.stem: p.name for p in list_images(folder)} if folder.is_dir() else {}
-        listed.append(files)
-    inputs, targets = listed
-    stems = sorted(set(inputs) & set(targets), key=lambda stem: natural_key(inputs[stem]))
-    if not stems:
-        return None
-    left = sorted([inputs[s] for s in set(inputs) - set(targets)]
-                  + [f"target/{targets[s]}" for s in set(targets) - set(inputs)], key=natural_key)
-    pairs = FolderPairs(dataset=dataset, split=split, input_dir=base / "input",
-                        target_dir=base / "target", names=tuple(inputs[s] for s in stems),
-                        target_names=tuple(targets[s] for s in stems))
-    return pairs, f"{len(left)} file(s) without a partner left out: " + first_names(left)
-
-
 def find_test_set(data: Path, dataset: str) -> tuple[FolderPairs, str | None] | None:
     """The set's test pairs (inputs alone for Real) under `data`, and a note when some files
     do not pair; None when the set's folder is absent. Raises SetSkippedError when it is
@@ -185,13 +164,15 @@ def find_test_set(data: Path, dataset: str) -> tuple[FolderPairs, str | None] | 
             try:
                 if dataset == REAL_SET:
                     return find_inputs(root, dataset, split), None
-                return find_pairs(root, dataset, split), None
+                pairs = find_pairs(root, dataset, split, strict=False)
             except DatasetError as e:
-                partial = (None if "do not pair" not in str(e) or dataset == REAL_SET
-                           else _pairs_that_pair(root / split / dataset, dataset, split))
-                if partial is None:
-                    raise SetSkippedError(str(e)) from None
-                return partial
+                raise SetSkippedError(str(e)) from None
+            left = sorted([*pairs.unpaired_inputs,
+                           *(f"target/{name}" for name in pairs.unpaired_targets)],
+                          key=natural_key)
+            note = (f"{len(left)} file(s) without a partner left out: " + first_names(left)
+                    if left else None)
+            return pairs, note
     return None
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from drsformer_jax.evaluation import metrics
-from drsformer_jax.evaluation.scores import ScoreError, _list_images, pair_files
+from drsformer_jax.evaluation.scores import ScoreError, folder_images, pair_files
 from drsformer_jax.inference.tiling import (
     DEFAULT_TILE_OVERLAP,
     padded_size,
@@ -65,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the --tile-overlap of the tiled run (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        pairs = pair_files(_list_images(args.tiled, "tiled"),
-                           _list_images(args.whole, "whole")).pairs
+        pairs = pair_files(folder_images(args.tiled, "tiled"),
+                           folder_images(args.whole, "whole")).pairs
     except ScoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,9 +2,10 @@
 
 `open_split(config, split)` gives a `PairSource` for the configured data set:
 `FolderPairs` (the release's layout `<root>/{train,test}/<Dataset>/{input,target}`,
-paired by file name without extension), `TfdsPairs` (the same sets prepared as
-TFDS array_record shards by `data.tfds_builders`) or the synthetic set (written
-once to a cache folder, then read as a folder set). Pairs are in the natural
+paired by `utils.files.pair_files`: file name, then file name without extension),
+`TfdsPairs` (the same sets prepared as TFDS array_record shards by
+`data.tfds_builders`) or the synthetic set (written once to a cache folder, then read
+as a folder set). Pairs are in the natural
 order of their file names, the order the TFDS builders write too.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from drsformer_jax.data import synthetic
 from drsformer_jax.utils import images
-from drsformer_jax.utils.files import first_names, list_images
+from drsformer_jax.utils.files import first_names, list_images, pair_files
 from drsformer_jax.utils.lazy_tf import import_tf
 
 DATASETS = ("synthetic", "Rain200L", "Rain200H", "DID-Data", "DDN-Data", "SPA-Data")
@@ -102,6 +103,9 @@ class FolderPairs:
     target_dir: Path | None  # None: a set of rainy images only (real rain, `find_inputs`)
     names: tuple[str, ...]  # input file names (plain strings: SPA-Data has 638k)
     target_names: tuple[str, ...]
+    # find_pairs(strict=False): the names of the files that did not pair.
+    unpaired_inputs: tuple[str, ...] = ()
+    unpaired_targets: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -127,23 +131,29 @@ class FolderPairs:
         return (self.names[index], *self.load(index))
 
 
-def find_pairs(root: str | os.PathLike, dataset: str, split: str) -> FolderPairs:
-    """Lists and pairs `<root>/<split>/<dataset>/{input,target}`.
+def find_pairs(root: str | os.PathLike, dataset: str, split: str,
+               strict: bool = True) -> FolderPairs:
+    """Lists and pairs `<root>/<split>/<dataset>/{input,target}` by the one pairing rule,
+    `utils.files.pair_files` (file name, then file name without extension).
 
-    Raises one DatasetError naming every missing or empty folder, or the first
-    few names that do not pair (matched by file name without extension) with
-    their counts. Hidden files and files that are not images are ignored.
+    Raises one DatasetError naming every missing or empty folder, or two images of
+    one folder with one name. `strict` (a data set to train or evaluate on): every
+    image must pair, else a DatasetError with the first few names that do not and
+    their counts. `strict=False` (a sample set that lacks a file): the pairs found,
+    the others' names in `unpaired_inputs` / `unpaired_targets`; that DatasetError
+    only when nothing pairs. Hidden files and files that are not images are ignored.
     """
     base = Path(root) / split / dataset
     folders = {"input": base / "input", "target": base / "target"}
-    listed: dict[str, dict[str, Path]] = {}
+    listed: dict[str, list[Path]] = {}
     problems = []
     for kind, folder in folders.items():
         if not folder.is_dir():
             problems.append(f"{folder} does not exist" if not folder.exists()
                             else f"{folder} is not a folder")
             continue
-        files, duplicates = _images_by_stem(folder)
+        files = list_images(folder)
+        duplicates = _shared_stems(files)
         if duplicates:
             problems.append(f"{folder} has several images with one name: "
                             + first_names(duplicates))
@@ -157,24 +167,24 @@ def find_pairs(root: str | os.PathLike, dataset: str, split: str) -> FolderPairs
             + f". Expected the release's layout {Path(root)}/{{train,test}}/{dataset}/"
             "{input,target} with rainy images in input/ and clean ones of the same "
             "file name in target/ (see data/README.md).")
-    inputs, targets = listed["input"], listed["target"]
-    only_input = sorted(set(inputs) - set(targets), key=natural_key)
-    only_target = sorted(set(targets) - set(inputs), key=natural_key)
-    if only_input or only_target:
+    pairing = pair_files(listed["input"], listed["target"])
+    only_input = sorted(pairing.unpaired_results, key=natural_key)
+    only_target = sorted(pairing.unpaired_targets, key=natural_key)
+    if (only_input or only_target) and (strict or not pairing.pairs):
         parts = []
         if only_input:
-            parts.append(f"{len(only_input)} of {len(inputs)} images in {folders['input']} "
-                         "have no target: " + first_names([inputs[s] for s in only_input]))
+            parts.append(f"{len(only_input)} of {len(listed['input'])} images in "
+                         f"{folders['input']} have no target: " + first_names(only_input))
         if only_target:
-            parts.append(f"{len(only_target)} of {len(targets)} images in "
-                         f"{folders['target']} have no input: "
-                         + first_names([targets[s] for s in only_target]))
+            parts.append(f"{len(only_target)} of {len(listed['target'])} images in "
+                         f"{folders['target']} have no input: " + first_names(only_target))
         raise DatasetError(f"{dataset} {split} split: names do not pair (matched by file "
                            "name without extension): " + "; ".join(parts))
-    stems = sorted(inputs, key=lambda s: natural_key(inputs[s]))
+    pairs = sorted(pairing.pairs, key=lambda pair: natural_key(pair[0].name))
     return FolderPairs(
         dataset=dataset, split=split, input_dir=folders["input"], target_dir=folders["target"],
-        names=tuple(inputs[s] for s in stems), target_names=tuple(targets[s] for s in stems))
+        names=tuple(i.name for i, _ in pairs), target_names=tuple(t.name for _, t in pairs),
+        unpaired_inputs=tuple(only_input), unpaired_targets=tuple(only_target))
 
 
 def find_inputs(root: str | os.PathLike, dataset: str, split: str) -> FolderPairs:
@@ -191,15 +201,15 @@ def find_inputs(root: str | os.PathLike, dataset: str, split: str) -> FolderPair
                        names=tuple(names), target_names=())
 
 
-def _images_by_stem(folder: Path) -> tuple[dict[str, str], list[str]]:
-    """{stem: file name} of the images in `folder`, and the names that clash."""
-    files: dict[str, str] = {}
+def _shared_stems(files: list[Path]) -> list[str]:
+    """'a.png / a.jpg' for each image whose name without extension an earlier one has."""
+    first: dict[str, str] = {}
     duplicates = []
-    for path in list_images(folder):
-        if path.stem in files:
-            duplicates.append(f"{files[path.stem]} / {path.name}")
-        files[path.stem] = path.name
-    return files, duplicates
+    for path in files:
+        if path.stem in first:
+            duplicates.append(f"{first[path.stem]} / {path.name}")
+        first[path.stem] = path.name
+    return duplicates
 
 
 def _hw(arr: np.ndarray) -> str:

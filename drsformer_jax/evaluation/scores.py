@@ -1,7 +1,8 @@
 """Score files: pairing results with targets, scoring folders, the score.json document.
 
-The one pairing rule (by file name, then by stem where unambiguous), the one
-score.json layout and writer: used by the score CLI and `--mode evaluate`.
+Results pair with targets by the one pairing rule (`utils.files.pair_files`: by file
+name, then by stem where unambiguous; leftovers are warned about); the one score.json
+layout and writer: used by the score CLI and `--mode evaluate`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from drsformer_jax.evaluation import metrics, no_reference
-from drsformer_jax.utils.files import first_names, list_images, write_json_atomic
+from drsformer_jax.utils.files import first_names, list_images, pair_files, write_json_atomic
 from drsformer_jax.utils.images import ImageReadError, read_rgb8
 
 SCORE_FILE = "score.json"
@@ -28,14 +28,9 @@ class ScoreError(Exception):
     """A fatal problem, reported as one line."""
 
 
-@dataclass(frozen=True)
-class Pairing:
-    pairs: list[tuple[Path, Path]]  # (result, target), sorted by result name
-    unpaired_results: list[str]
-    unpaired_targets: list[str]
-
-
-def _list_images(folder: Path, what: str) -> list[Path]:
+def folder_images(folder: Path, what: str) -> list[Path]:
+    """The images in `folder` (`utils.files.list_images`); a ScoreError naming it as
+    `what` when it is missing, not a folder or cannot be listed."""
     if not folder.exists():
         raise ScoreError(f"{what} folder not found: {folder}")
     if not folder.is_dir():
@@ -44,37 +39,6 @@ def _list_images(folder: Path, what: str) -> list[Path]:
         return list_images(folder)
     except OSError as e:
         raise ScoreError(f"cannot list {what} folder {folder}: {e.strerror or e}") from e
-
-
-def pair_files(results: Sequence[Path], targets: Sequence[Path]) -> Pairing:
-    """Pairs by exact file name, then the rest by stem where that is unambiguous."""
-    by_name = {p.name: p for p in targets}
-    pairs: list[tuple[Path, Path]] = []
-    left_results = []
-    for r in results:
-        t = by_name.pop(r.name, None)
-        if t is None:
-            left_results.append(r)
-        else:
-            pairs.append((r, t))
-    stems_r: dict[str, list[Path]] = {}
-    stems_t: dict[str, list[Path]] = {}
-    for r in left_results:
-        stems_r.setdefault(r.stem, []).append(r)
-    for t in by_name.values():
-        stems_t.setdefault(t.stem, []).append(t)
-    unpaired_r, unpaired_t = [], []
-    for stem, rs in stems_r.items():
-        ts = stems_t.pop(stem, [])
-        if len(rs) == 1 and len(ts) == 1:
-            pairs.append((rs[0], ts[0]))
-        else:  # none, or several files share the stem: no guessing
-            unpaired_r += [r.name for r in rs]
-            unpaired_t += [t.name for t in ts]
-    for ts in stems_t.values():
-        unpaired_t += [t.name for t in ts]
-    pairs.sort(key=lambda pair: pair[0].name)
-    return Pairing(pairs, sorted(unpaired_r), sorted(unpaired_t))
 
 
 NO_REFERENCE = {"niqe": no_reference.niqe, "brisque": no_reference.brisque}
@@ -157,7 +121,7 @@ def write_score_file(path: str | os.PathLike, doc: dict[str, Any]) -> None:
 def _work(results_dir: Path, targets_dir: Path | None,
           protocols: Sequence[str]) -> tuple[list[tuple[Path, Path | None]], int]:
     """(result, target or None) to score, and how many results were found."""
-    results = _list_images(results_dir, "results")
+    results = folder_images(results_dir, "results")
     if not needs_targets(protocols):
         if not results:
             raise ScoreError(f"no images in {results_dir}")
@@ -165,7 +129,7 @@ def _work(results_dir: Path, targets_dir: Path | None,
     if targets_dir is None:
         raise ScoreError(f"--targets is needed for {', '.join(metrics.PROTOCOLS)} "
                          "(PSNR / SSIM against ground truths)")
-    pairing = pair_files(results, _list_images(targets_dir, "targets"))
+    pairing = pair_files(results, folder_images(targets_dir, "targets"))
     if pairing.unpaired_results:
         print(f"warning: {len(pairing.unpaired_results)} result file(s) in {results_dir} "
               f"have no target: {first_names(pairing.unpaired_results)}", file=sys.stderr)

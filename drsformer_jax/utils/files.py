@@ -1,4 +1,5 @@
-"""Files: the one image lister, atomic writes, and how lists of names are shown."""
+"""Files: the one image lister, the one pairing rule, atomic writes, and how lists of names
+are shown."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,51 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         found = [Path(e.path) for e in entries
                  if not e.name.startswith(".") and is_image_file(e.name) and e.is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """What `pair_files` found."""
+
+    pairs: list[tuple[Path, Path]]  # (result or input, target), sorted by the first's name
+    unpaired_results: list[str]  # names of the first list's files left over, sorted
+    unpaired_targets: list[str]  # names of the targets left over, sorted
+
+
+def pair_files(results: Sequence[Path], targets: Sequence[Path]) -> Pairing:
+    """The one pairing rule: by exact file name, then the rest by stem (the name without
+    its extension) where exactly one file of each side has it; never a guess.
+
+    What is left over is returned, and the caller decides: the score CLI warns, a data
+    set (`data.sources.find_pairs`) is an error unless asked for the pairs found.
+    """
+    by_name = {p.name: p for p in targets}
+    pairs: list[tuple[Path, Path]] = []
+    left_results = []
+    for r in results:
+        t = by_name.pop(r.name, None)
+        if t is None:
+            left_results.append(r)
+        else:
+            pairs.append((r, t))
+    stems_r: dict[str, list[Path]] = {}
+    stems_t: dict[str, list[Path]] = {}
+    for r in left_results:
+        stems_r.setdefault(r.stem, []).append(r)
+    for t in by_name.values():
+        stems_t.setdefault(t.stem, []).append(t)
+    unpaired_r, unpaired_t = [], []
+    for stem, rs in stems_r.items():
+        ts = stems_t.pop(stem, [])
+        if len(rs) == 1 and len(ts) == 1:
+            pairs.append((rs[0], ts[0]))
+        else:  # none, or several files share the stem: no guessing
+            unpaired_r += [r.name for r in rs]
+            unpaired_t += [t.name for t in ts]
+    for ts in stems_t.values():
+        unpaired_t += [t.name for t in ts]
+    pairs.sort(key=lambda pair: pair[0].name)
+    return Pairing(pairs, sorted(unpaired_r), sorted(unpaired_t))
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
