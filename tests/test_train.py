@@ -278,19 +278,25 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_with_jax_distributed_match_one(tmp_path, straight, data_root, env):
+def two_processes(cmd, env, timeout):
+    """Runs `cmd` as processes 0 and 1 of a jax.distributed job (2 CPU devices each, gloo);
+    returns the processes and their (stdout, stderr)."""
     port = free_port()
     procs = []
     for pid in range(2):
         e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                  JAX_PROCESS_ID=str(pid), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-        cmd = [sys.executable, str(ROOT / "main.py"), "--distributed",
-               "--config", str(ROOT / "configs/synthetic.py"), "--workdir", str(tmp_path),
-               f"--config.dataset.root={data_root}", *TINY, "--config.num_train_steps=8"]
-        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=900) for p in procs]
+    return procs, [p.communicate(timeout=timeout) for p in procs]
+
+
+def test_two_processes_with_jax_distributed_match_one(tmp_path, straight, data_root, env):
+    cmd = [sys.executable, str(ROOT / "main.py"), "--distributed",
+           "--config", str(ROOT / "configs/synthetic.py"), "--workdir", str(tmp_path),
+           f"--config.dataset.root={data_root}", *TINY, "--config.num_train_steps=8"]
+    procs, outs = two_processes(cmd, env, timeout=900)
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "2 host(s)" in outs[0][0]
@@ -477,17 +483,9 @@ def test_two_processes_fine_tune_from_every_kind_of_source(tmp_path, straight, d
     assert convert.main(["--torch-checkpoint", str(pth), "--output", str(export)]) == 0
     sources = [["workdir", str(straight)], ["step", str(straight / "checkpoints" / "4")],
                ["export", str(export)], ["pth", str(pth)]]
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(pid), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-        cmd = [sys.executable, "-c", _INIT_FROM_WORKER, str(data_root), str(tmp_path / "runs"),
-               json.dumps(TINY), json.dumps(sources)]
-        procs.append(subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
+    cmd = [sys.executable, "-c", _INIT_FROM_WORKER, str(data_root), str(tmp_path / "runs"),
+           json.dumps(TINY), json.dumps(sources)]
+    procs, outs = two_processes(cmd, env, timeout=600)
     results = []
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
