@@ -103,6 +103,8 @@ class Restorer:
         devices = list(jax.local_devices() if devices is None else devices)
         self.platform = devices[0].platform
         self.mesh = Mesh(np.array(devices), ("batch",))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._split = NamedSharding(self.mesh, PartitionSpec("batch"))  # a call's batch
         model = model.for_platform(self.platform)
         self.tile, self.tile_overlap = tile, tile_overlap
         self.buckets, self.batch_size = buckets, batch_size
@@ -126,7 +128,7 @@ class Restorer:
         # Replicated on this restorer's devices: weights restored from a training
         # checkpoint carry the training mesh's sharding, which would make a different
         # program (and cache entry) from the same weights out of an export directory.
-        self._variables = jax.device_put(variables, NamedSharding(self.mesh, PartitionSpec()))
+        self._variables = jax.device_put(variables, self._replicated)
 
     @property
     def device_count(self) -> int:
@@ -219,7 +221,7 @@ class Restorer:
         n = x.shape[0]
         if batch > n:
             x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
-        x = jax.device_put(x, NamedSharding(self.mesh, PartitionSpec("batch")))
+        x = jax.device_put(x, self._split)
         return np.asarray(self._apply(self._variables, x))[:n]
 
 
