@@ -131,6 +131,14 @@ def _set_aside(step_dir: Path) -> Path:
     return target
 
 
+def _set_aside_and_say(step_dir: Path) -> str:
+    """`_set_aside`, as the note's words: where it went, or why it stayed."""
+    try:
+        return f"moved it to {_set_aside(step_dir)}"
+    except OSError as e:
+        return f"left it in place (cannot move it: {e.strerror or e})"
+
+
 def _set_aside_unless_in_use(step_dir: Path) -> str:
     """Moves a damaged step of a training workdir aside unless a training holds the workdir
     (its checkpoint manager owns the steps); says what happened."""
@@ -144,9 +152,7 @@ def _set_aside_unless_in_use(step_dir: Path) -> str:
     except OSError as e:
         return f"left it in place (cannot write to {workdir}: {e.strerror or e})"
     try:
-        return f"moved it to {_set_aside(step_dir)}"
-    except OSError as e:
-        return f"left it in place (cannot move it: {e.strerror or e})"
+        return _set_aside_and_say(step_dir)
     finally:
         lock.release()
 
@@ -264,11 +270,7 @@ def _quarantine(manager: Any, damaged: list[tuple[int, BaseException]], then: st
     root = Path(manager.directory)
     if jax.process_index() == 0:
         for step, error in damaged:
-            try:
-                fate = f"moved it to {_set_aside(root / str(step))}"
-            except OSError as e:
-                fate = f"left it in place (cannot move it: {e.strerror or e})"
-            _note_damaged(root / str(step), error, fate, then)
+            _note_damaged(root / str(step), error, _set_aside_and_say(root / str(step)), then)
     if jax.process_count() > 1:  # every process's manager sees the move
         multihost_utils.sync_global_devices("drsformer_jax: damaged checkpoints set aside")
     manager.reload()
