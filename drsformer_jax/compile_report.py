@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -52,7 +53,13 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from drsformer_jax.model.convolution import CONV_IMPLS, LAYOUTS
-from drsformer_jax.model.drsformer import DTYPES, REMAT, abstract_params, from_config
+from drsformer_jax.model.drsformer import (
+    DTYPES,
+    REMAT,
+    DRSformer,
+    abstract_params,
+    from_config,
+)
 from drsformer_jax.release import RELEASE_OPTIM
 from drsformer_jax.train import trainer
 
@@ -176,6 +183,55 @@ def lower_forward(args: argparse.Namespace, device: Any, batch: int) -> Any:
     return jax.jit(model.apply).lower({"params": params}, x)
 
 
+def lower_block_residuals(config: Any, device: Any, channels: int, heads: int,
+                          side: int) -> Any:
+    """One transformer block's forward pass as the train step's model builds it, for
+    `device`, returning what the backward pass keeps of it (the leaves of `jax.vjp`'s
+    pullback: activations, and the block's weights where a gradient reads them)."""
+    model = trainer.create_model(config).for_platform(device.platform)
+    block = model.block(channels, heads)
+    batch = int(config.global_batch_size)
+    shape = (batch, channels, side, side) if block.channels_first else (batch, side, side,
+                                                                        channels)
+    sharding = SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct(shape, model.dtype, sharding=sharding)
+    params = jax.tree_util.tree_map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sharding),
+        jax.eval_shape(block.init, jax.random.PRNGKey(0), x)["params"])
+
+    def residuals(params: Any, x: jax.Array) -> list[jax.Array]:
+        _, pullback = jax.vjp(lambda p, x: block.apply({"params": p}, x), params, x)
+        return jax.tree_util.tree_leaves(pullback)
+
+    return jax.jit(residuals).lower(params, x)
+
+
+def block_residuals(args: argparse.Namespace, target: Target, device: Any,
+                    batch_per_chip: int) -> dict[str, Any]:
+    """Per chip, the bytes each kind of transformer block keeps for the backward pass
+    (the compiled residual program's outputs, in the target's layouts), and what the
+    full model keeps beyond the reduced one (one block per stack): the full model's train
+    step is about the reduced one's plus that, where the full compile is out of reach."""
+    config = train_config(args, batch_per_chip, 1, args.remat)
+    kinds: dict[tuple[int, int, int], dict[str, Any]] = {}
+    extra = 0
+    for name, depth, channels, heads, factor in DRSformer().stacks():  # the release's
+        side = args.height // factor
+        key = (channels, heads, side)
+        if key not in kinds:
+            print(f"compiling one block's residuals ({batch_per_chip}x{side}x{side}x{channels})",
+                  file=sys.stderr)
+            result = compile_program(functools.partial(
+                lower_block_residuals, config, device, channels, heads, side), target)
+            kinds[key] = {"channels": channels, "heads": heads, "side": side,
+                          "residual_bytes": result.get("memory", {}).get("output"),
+                          "compile_s": result["compile_s"], "stacks": []}
+        kinds[key]["stacks"].append(f"{name} x{depth}")
+        extra += (depth - 1) * (kinds[key]["residual_bytes"] or 0)
+    return {"batch_per_chip": batch_per_chip, "kinds": list(kinds.values()),
+            "full_minus_reduced_bytes": extra}
+
+
 # --- what a compiled program says ----------------------------------------------------------
 
 def memory(compiled: Any) -> dict[str, int]:
@@ -291,7 +347,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target", required=True,
                    help="tpu:v5e-{1,4,8}, tpu:v6e-{1,4,8}, tpu:v4-8, tpu:v5p-8, "
                         "cuda:h100[-N], cuda:h200[-N], cuda:a100[-N], or cpu")
-    p.add_argument("--programs", default="train,forward", help="train, forward or both")
+    p.add_argument("--programs", default="train,forward",
+                   help="train, forward, blocks (each kind of transformer block's residuals, "
+                        "and the full model's train step estimated from the reduced one's), "
+                        "comma-separated")
     p.add_argument("--batch", type=int, default=None,
                    help="global train batch (default: 1 image per chip)")
     p.add_argument("--forward-batch", type=int, default=1)
@@ -312,8 +371,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.width = args.width or args.height
     args.programs = [s.strip() for s in args.programs.split(",") if s.strip()]
-    if set(args.programs) - {"train", "forward"}:
-        p.error("--programs: train, forward")
+    if set(args.programs) - {"train", "forward", "blocks"}:
+        p.error("--programs: train, forward, blocks")
     return args
 
 
@@ -350,6 +409,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.max_batch and target.memory_bytes:
             report["max_batch"] = {mode: max_batch(lambda b, m=mode: make(b, m), target)
                                    for mode in REMAT}
+    if "blocks" in args.programs:
+        batch = args.batch or chips
+        report["blocks"] = block_residuals(args, target, devices[0], batch // chips)
+        reduced = report.get("train", {}).get("memory")
+        if args.model == "reduced" and reduced:
+            estimate = reduced["peak"] + report["blocks"]["full_minus_reduced_bytes"]
+            report["full_estimate"] = {"peak": estimate, "fits": (
+                estimate <= target.memory_bytes if target.memory_bytes else None)}
     return report
 
 

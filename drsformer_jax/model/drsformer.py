@@ -138,45 +138,70 @@ class DRSformer(nn.Module):
                           layout=resolve_layout(self.layout, platform),
                           recompute=resolve_recompute(self.recompute, platform))
 
+    def layer_options(self) -> dict[str, Any]:
+        """What every layer is told (`Layer`'s fields), "auto" resolved for the default
+        backend: call `for_platform` first for another platform."""
+        return dict(channels_first=resolve_layout(self.layout) == "NCHW",
+                    conv_impl=resolve_conv_impl(self.conv_impl), dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    precision=check_precision(self.matmul_precision))
+
+    def stacks(self) -> list[tuple[str, int, int, int, int]]:
+        """The transformer-block stacks, in order: (name, depth, channels, heads,
+        downsampling factor of the input's height and width)."""
+        d, nb, nh = self.dim, self.num_blocks, self.heads
+        return [("encoder_level1", nb[0], d, nh[0], 1),
+                ("encoder_level2", nb[1], 2 * d, nh[1], 2),
+                ("encoder_level3", nb[2], 4 * d, nh[2], 4), ("latent", nb[3], 8 * d, nh[3], 8),
+                ("decoder_level3", nb[2], 4 * d, nh[2], 4),
+                ("decoder_level2", nb[1], 2 * d, nh[1], 2),
+                # No 1x1 reduction at level 1: the decoder runs at 2 * dim channels.
+                ("decoder_level1", nb[0], 2 * d, nh[0], 1)]
+
+    def block(self, channels: int, heads: int, **fields: Any) -> TransformerBlock:
+        """One transformer block as this model builds it (no rematerialisation)."""
+        return TransformerBlock(channels, heads, self.ffn_expansion_factor, self.bias,
+                                self.layernorm_type, resolve_recompute(self.recompute),
+                                **self.layer_options(), **fields, parent=None)
+
     @nn.compact
     def __call__(self, inp: jax.Array) -> jax.Array:
         self._check_input(inp)
-        cf = resolve_layout(self.layout) == "NCHW"
+        kw = self.layer_options()
+        cf = kw["channels_first"]
         cax = channel_axis(cf)
-        kw = dict(channels_first=cf, conv_impl=resolve_conv_impl(self.conv_impl),
-                  dtype=self.dtype, param_dtype=self.param_dtype,
-                  precision=check_precision(self.matmul_precision))
         block_cls, mefc_cls = (remat_policy(self.remat)(c) for c in (TransformerBlock, MEFC))
         recompute = resolve_recompute(self.recompute)
 
-        def level(x: jax.Array, name: str, depth: int, dim: int, heads: int) -> jax.Array:
+        stacks = {name: (depth, dim, heads) for name, depth, dim, heads, _ in self.stacks()}
+
+        def level(x: jax.Array, name: str) -> jax.Array:
+            depth, dim, heads = stacks[name]
             for i in range(depth):
                 x = block_cls(dim, heads, self.ffn_expansion_factor, self.bias,
                               self.layernorm_type, recompute, name=f"{name}_{i}", **kw)(x)
             return x
 
         d = self.dim
-        nb, nh = self.num_blocks, self.heads
         x = inp.astype(self.dtype)
         if cf:
             x = jnp.transpose(x, (0, 3, 1, 2))
         x = Conv(d, 3, name="patch_embed", **kw)(x)
         if self.use_mefc:
             x = mefc_cls(recompute=recompute, name="encoder_level0", **kw)(x)
-        e1 = level(x, "encoder_level1", nb[0], d, nh[0])
-        e2 = level(Resample(False, name="down1_2", **kw)(e1), "encoder_level2", nb[1], 2 * d, nh[1])
-        e3 = level(Resample(False, name="down2_3", **kw)(e2), "encoder_level3", nb[2], 4 * d, nh[2])
-        lat = level(Resample(False, name="down3_4", **kw)(e3), "latent", nb[3], 8 * d, nh[3])
+        e1 = level(x, "encoder_level1")
+        e2 = level(Resample(False, name="down1_2", **kw)(e1), "encoder_level2")
+        e3 = level(Resample(False, name="down2_3", **kw)(e2), "encoder_level3")
+        lat = level(Resample(False, name="down3_4", **kw)(e3), "latent")
 
         x = jnp.concatenate([Resample(True, name="up4_3", **kw)(lat), e3], axis=cax)
         x = Conv(4 * d, 1, use_bias=self.bias, name="reduce_chan_level3", **kw)(x)
-        x = level(x, "decoder_level3", nb[2], 4 * d, nh[2])
+        x = level(x, "decoder_level3")
         x = jnp.concatenate([Resample(True, name="up3_2", **kw)(x), e2], axis=cax)
         x = Conv(2 * d, 1, use_bias=self.bias, name="reduce_chan_level2", **kw)(x)
-        x = level(x, "decoder_level2", nb[1], 2 * d, nh[1])
-        # No 1x1 reduction at level 1: the decoder runs at 2 * dim channels.
+        x = level(x, "decoder_level2")
         x = jnp.concatenate([Resample(True, name="up2_1", **kw)(x), e1], axis=cax)
-        x = level(x, "decoder_level1", nb[0], 2 * d, nh[0])
+        x = level(x, "decoder_level1")
         if self.use_mefc:
             x = mefc_cls(recompute=recompute, name="refinement", **kw)(x)
         x = Conv(self.out_channels, 3, use_bias=self.bias, name="output", **kw)(x)
