@@ -186,8 +186,9 @@ def lower_forward(args: argparse.Namespace, device: Any, batch: int) -> Any:
 def lower_block_residuals(config: Any, device: Any, channels: int, heads: int,
                           side: int) -> Any:
     """One transformer block's forward pass as the train step's model builds it, for
-    `device`, returning what the backward pass keeps of it (the leaves of `jax.vjp`'s
-    pullback: activations, and the block's weights where a gradient reads them)."""
+    `device`, returning what the backward pass keeps of it: the leaves of `jax.vjp`'s
+    pullback (activations, and the weights in the forms a gradient reads them: an upper
+    view, the train step holds the weights as arguments already)."""
     model = trainer.create_model(config).for_platform(device.platform)
     block = model.block(channels, heads)
     batch = int(config.global_batch_size)
@@ -206,13 +207,25 @@ def lower_block_residuals(config: Any, device: Any, channels: int, heads: int,
     return jax.jit(residuals).lower(params, x)
 
 
+def train_state_bytes(config: Any) -> int:
+    """Bytes of the train state (parameters, AdamW's moments, the step) on the host."""
+    model, tx = trainer.create_model(config), trainer.create_optimizer(config)
+    state = jax.eval_shape(lambda: trainer.create_train_state(config, model, tx))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(state))
+
+
 def block_residuals(args: argparse.Namespace, target: Target, device: Any,
                     batch_per_chip: int) -> dict[str, Any]:
-    """Per chip, the bytes each kind of transformer block keeps for the backward pass
-    (the compiled residual program's outputs, in the target's layouts), and what the
-    full model keeps beyond the reduced one (one block per stack): the full model's train
-    step is about the reduced one's plus that, where the full compile is out of reach."""
+    """Per chip, the activations each kind of transformer block keeps for the backward
+    pass (the compiled residual program's outputs, in the target's layouts), and what
+    the full model holds beyond the reduced one (one block per stack): those of its
+    extra blocks, and its larger train state (parameters and AdamW's moments, as the
+    host lays them out). The full model's train step is about the reduced one's plus
+    that, where the full compile is out of reach."""
     config = train_config(args, batch_per_chip, 1, args.remat)
+    state_bytes = {model: train_state_bytes(train_config(
+        argparse.Namespace(**{**vars(args), "model": model}), batch_per_chip, 1, args.remat))
+        for model in ("full", "reduced")}
     kinds: dict[tuple[int, int, int], dict[str, Any]] = {}
     extra = 0
     for name, depth, channels, heads, factor in DRSformer().stacks():  # the release's
@@ -228,8 +241,10 @@ def block_residuals(args: argparse.Namespace, target: Target, device: Any,
                           "compile_s": result["compile_s"], "stacks": []}
         kinds[key]["stacks"].append(f"{name} x{depth}")
         extra += (depth - 1) * (kinds[key]["residual_bytes"] or 0)
+    extra_state = state_bytes["full"] - state_bytes["reduced"]
     return {"batch_per_chip": batch_per_chip, "kinds": list(kinds.values()),
-            "full_minus_reduced_bytes": extra}
+            "extra_blocks_residual_bytes": extra, "extra_state_bytes": extra_state,
+            "full_minus_reduced_bytes": extra + extra_state}
 
 
 # --- what a compiled program says ----------------------------------------------------------

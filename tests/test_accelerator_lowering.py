@@ -19,10 +19,11 @@ DEVICES = 4
 
 
 @functools.cache  # a lowering is shared by the tests that read it
-def lowered_train_step(platform: str, **fields) -> str:
+def lowered_train_step(platform: str, use_mefc: bool = False, **fields) -> str:
+    """MEFC where a test reads its products: it is two thirds of a tiny model's program."""
     config = ml_collections.ConfigDict(dict(
         RELEASE_OPTIM, global_batch_size=DEVICES, dim=8, num_blocks=(1, 1, 1, 1),
-        heads=(1, 1, 2, 2), **fields))
+        heads=(1, 1, 2, 2), use_mefc=use_mefc, **fields))
     model, tx = trainer.create_model(config), trainer.create_optimizer(config)
     device = AbstractDevice(device_kind=f"abstract {platform}", num_cores=1, platform=platform)
     mesh = AbstractMesh((DEVICES,), ("data",), abstract_device=device)
@@ -56,8 +57,8 @@ def test_an_explicit_formulation_wins_over_the_platform():
 
 def test_matmul_precision_reaches_the_program():
     """"highest" marks every dot and convolution; TKSA's scores are highest anyway."""
-    default = lowered_train_step("cuda", matmul_precision="default")
-    highest = lowered_train_step("cuda", matmul_precision="highest")
+    default = lowered_train_step("cuda", use_mefc=True, matmul_precision="default")
+    highest = lowered_train_step("cuda", use_mefc=True, matmul_precision="highest")
     ops = len(re.findall(r"stablehlo\.(dot_general|convolution)", highest))
     assert 0 < count(default) < ops
     assert count(highest) == ops

@@ -15,8 +15,9 @@ import pytest
 from drsformer_jax import benchmark
 from tools import gpu_extras
 
+# Without MEFC, whose programs are two thirds of a tiny model's (MEFC is the model tests').
 TINY = ["--height", "16", "--width", "24", "--batch", "2", "--steps", "2", "--dim", "8",
-        "--num-blocks", "1", "1", "1", "1", "--heads", "1", "1", "2", "2"]
+        "--num-blocks", "1", "1", "1", "1", "--heads", "1", "1", "2", "2", "--no-mefc"]
 
 
 def test_forward_and_train_step_json(tmp_path, capsys):
@@ -27,6 +28,7 @@ def test_forward_and_train_step_json(tmp_path, capsys):
     assert printed == result
     assert (result["height"], result["width"], result["batch"]) == (16, 24, 2)
     assert result["dtype"] == "float32" and result["model"]["dim"] == 8
+    assert result["model"]["use_mefc"] is False
     assert result["layout"] in ("NHWC", "NCHW") and result["conv_impl"] in ("xla", "shift")
     assert result["params"] > 0 and result["device"]["platform"]
     for mode in ("forward", "train"):
