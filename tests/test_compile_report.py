@@ -55,3 +55,39 @@ def test_max_batch_follows_the_line_and_checks_it():
     out = cr.max_batch(make, target)
     assert out["predicted"] == 5 and out["max_batch"] == 5
     assert out["bytes_per_image"] == per_image and compiled == [1, 2, 5]
+
+
+def test_stacks_name_every_block_the_model_has():
+    from drsformer_jax.model.drsformer import DRSformer, abstract_params
+
+    model = DRSformer(dim=8, num_blocks=(1, 2, 1, 3), heads=(1, 1, 2, 2), use_mefc=False)
+    params = abstract_params(model)
+    blocks = {name for name in params if "norm1" in params[name]}  # transformer blocks
+    expected = set()
+    for name, depth, channels, _, _ in model.stacks():
+        expected |= {f"{name}_{i}" for i in range(depth)}
+        assert params[f"{name}_0"]["norm1"]["scale"].shape == (channels,), name
+    assert blocks == expected
+
+
+def test_the_full_estimate_adds_the_extra_blocks_and_the_larger_state(monkeypatch):
+    """Stacks of one kind share a compile; each stack adds depth - 1 blocks' residuals."""
+    sizes = {(48, 128): 1, (96, 64): 10, (192, 32): 100, (384, 16): 1000, (96, 128): 10000}
+    compiled = []
+
+    def fake_compile(lower, target, chips=1):
+        _, _, channels, _, side = lower.args
+        compiled.append((channels, side))
+        return {"memory": {"output": sizes[channels, side]}, "compile_s": 0.0}
+
+    monkeypatch.setattr(cr, "compile_program", fake_compile)
+    # The reduced model's config names its blocks; the full one keeps the release's.
+    monkeypatch.setattr(cr, "train_state_bytes",
+                        lambda config: 5 if "num_blocks" in config else 7)
+    args = cr.parse_args(["--target", "cpu", "--programs", "blocks"])
+    out = cr.block_residuals(args, cr.Target("cpu", 0), None, 6)
+    assert sorted(compiled) == sorted(sizes)  # one compile per kind of block
+    # release: (4, 6, 6, 8) -> 3 + 2 * 5 * 10 + 2 * 5 * 100 + 7 * 1000 + 3 * 10000
+    assert out["extra_blocks_residual_bytes"] == 3 + 100 + 1000 + 7000 + 30000
+    assert out["extra_state_bytes"] == 7 - 5
+    assert out["full_minus_reduced_bytes"] == 38103 + 2
