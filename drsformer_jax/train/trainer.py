@@ -218,7 +218,7 @@ def train_compiler_options(platform: str) -> dict[str, bool] | None:
     additions; with fast math it vectorises them, and the whole step runs faster.
     Infinities and NaNs stay honoured (TKSA masks scores with -inf), so the results
     only change by rounding: float64 gradients of a small model agreed to 3e-14
-    (tests/test_train.py holds them to 1e-9).
+    (tests/test_trainer.py holds them to 1e-9).
     Inference keeps the default (no gain measured on the forward pass).
     """
     if platform != "cpu":
