@@ -216,8 +216,9 @@ def train_state_bytes(config: Any) -> int:
 
 def block_residuals(args: argparse.Namespace, target: Target, device: Any,
                     batch_per_chip: int) -> dict[str, Any]:
-    """Per chip, the activations each kind of transformer block keeps for the backward
-    pass (the compiled residual program's outputs, in the target's layouts), and what
+    """Per chip, what each kind of transformer block keeps for the backward pass (the
+    compiled residual program's outputs, in the target's layouts; see
+    `lower_block_residuals`), and what
     the full model holds beyond the reduced one (one block per stack): those of its
     extra blocks, and its larger train state (parameters and AdamW's moments, as the
     host lays them out). The full model's train step is about the reduced one's plus
@@ -404,28 +405,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "jax": jax.__version__, "model": args.model, "dtype": args.dtype,
         "matmul_precision": args.matmul_precision, "conv_impl": args.conv_impl,
         "layout": args.layout, "remat": args.remat}
+    batch = args.batch or chips  # the train step's and the blocks' global batch
+    if batch % chips:
+        raise ValueError(f"--batch {batch} is not a multiple of the {chips} chips")
     if "forward" in args.programs:
         print(f"compiling the forward pass ({args.forward_batch}x{args.height}x{args.width})",
               file=sys.stderr)
         report["forward"] = compile_program(
             lambda: lower_forward(args, devices[0], args.forward_batch), target)
     if "train" in args.programs:
-        batch = args.batch or chips
-
         def make(per_chip: int, remat: str = args.remat) -> dict[str, Any]:
             print(f"compiling the train step ({per_chip} per chip x {chips} chips, "
                   f"remat={remat})", file=sys.stderr)
             config = train_config(args, per_chip, chips, remat)
             return compile_program(lambda: lower_train_step(config, devices), target, chips)
 
-        if batch % chips:
-            raise ValueError(f"--batch {batch} is not a multiple of the {chips} chips")
         report["train"] = {"global_batch": batch, **make(batch // chips)}
         if args.max_batch and target.memory_bytes:
             report["max_batch"] = {mode: max_batch(lambda b, m=mode: make(b, m), target)
                                    for mode in REMAT}
     if "blocks" in args.programs:
-        batch = args.batch or chips
         report["blocks"] = block_residuals(args, target, devices[0], batch // chips)
         reduced = report.get("train", {}).get("memory")
         if args.model == "reduced" and reduced:
