@@ -336,6 +336,35 @@ def test_remat_keeps_outputs_and_gradients(tiny, layout, mode):
         np.testing.assert_allclose(flat1[path], g, rtol=1e-4, atol=1e-6, err_msg=str(path))
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recomputed_block_keeps_only_computation_dtype_activations(recompute):
+    """What the backward pass of one block keeps (the leaves of `jax.vjp`'s pullback, what
+    compile_report's residual programs return): with `recompute`, in bfloat16, the
+    activations are the inputs of the LayerNorms and of their 1x1 products, qkv and q, k,
+    v, TKSA's output and MSFN's [x1, x2]; no float32 copies."""
+    c, side = 8, 16
+    model = DRSformer(dim=c, dtype=jnp.bfloat16, recompute=recompute, conv_impl="shift",
+                      layout="NHWC")
+    block = model.block(c, 2)
+    x = jax.ShapeDtypeStruct((1, side, side, c), jnp.bfloat16)
+    params = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)["params"]
+
+    def residuals(p, x):
+        _, pullback = jax.vjp(lambda p, x: block.apply({"params": p}, x), p, x)
+        return jax.tree_util.tree_leaves(pullback)
+
+    pixels = side * side
+    kept = [r for r in jax.eval_shape(residuals, params, x)
+            if r.ndim >= 3 and r.shape[0] == 1 and pixels in (r.shape[1], r.shape[1] * r.shape[2])]
+    channels = sum(r.size // pixels for r in kept)
+    if recompute:
+        assert {r.dtype for r in kept} == {jnp.dtype(jnp.bfloat16)}
+        assert channels == 5 * c + 3 * c + 3 * c + 2 * hidden_features(c, 2.66)
+    else:  # the check has teeth: without recompute, float32 statistics and more
+        assert jnp.dtype(jnp.float32) in {r.dtype for r in kept}
+        assert channels > 3 * (11 * c + 2 * hidden_features(c, 2.66))
+
+
 def _jaxpr_dtypes(jaxpr) -> dict[str, set]:
     """Primitive name -> dtypes of its floating outputs, over a jaxpr and its sub-jaxprs."""
     found: dict[str, set] = {}

@@ -47,11 +47,14 @@ class TopKSparseAttention(Layer):
     each row kept, others -inf), each softmaxed, and the four maps are mixed with
     learned scalars attn1..attn4. Because the mix is linear it is applied to the
     probability maps, so the large product with v is done once, not four times.
+    `recompute`: the backward pass keeps q and k (in the computation dtype) and
+    normalises them and forms the scores again, rather than keeping float32 copies.
     """
 
     dim: int
     num_heads: int
     use_bias: bool = False
+    recompute: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,11 +85,15 @@ class TopKSparseAttention(Layer):
 
         # Normalisation, scores and softmax in at least float32 (float64 stays float64).
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        q, k = (l2_normalize(t.astype(acc), axis=spatial) for t in (q, k))
-        # Always at full precision: a c x c product, cheap, and top_k selects on it.
-        scores = jnp.einsum(qk, q.astype(self.dtype), k.astype(self.dtype),
-                            preferred_element_type=acc, precision="highest")
-        scores = scores * temperature.astype(acc)
+
+        def score(q: jax.Array, k: jax.Array, temperature: jax.Array) -> jax.Array:
+            q, k = (l2_normalize(t.astype(acc), axis=spatial) for t in (q, k))
+            # Always at full precision: a c x c product, cheap, and top_k selects on it.
+            scores = jnp.einsum(qk, q.astype(self.dtype), k.astype(self.dtype),
+                                preferred_element_type=acc, precision="highest")
+            return scores * temperature.astype(acc)
+
+        scores = (jax.checkpoint(score) if self.recompute else score)(q, k, temperature)
 
         c = self.dim // n
         probs = jnp.zeros_like(scores)

@@ -53,12 +53,12 @@ PRECISIONS = (None, "default", "high", "highest")
 class Formulation(NamedTuple):
     conv_impl: str
     layout: str
-    recompute: bool  # MSFN's branches and MEFC's steps recomputed in the backward pass
+    recompute: bool  # cheap activations recomputed in the backward pass (DRSformer.recompute)
 
 
 # What "auto" means per platform, chosen from the compiled programs' memory and
-# traffic (docs/accelerators.md); other platforms: "gpu". Recomputing MSFN's branches
-# and MEFC's steps saves accelerator memory; on CPU it would cost train-step time.
+# traffic (docs/accelerators.md); other platforms: "gpu". Recomputing cheap activations
+# saves accelerator memory; on CPU it would cost train-step time.
 FORMULATIONS = {"cpu": Formulation("shift", "NCHW", False),
                 "tpu": Formulation("shift", "NHWC", True),
                 "gpu": Formulation("xla", "NHWC", True)}
@@ -85,7 +85,8 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
 
 
 def resolve_recompute(recompute: bool | str, platform: str | None = None) -> bool:
-    """Maps "auto" to whether `platform` recomputes MSFN's branches and MEFC's steps."""
+    """Maps "auto" to whether `platform` recomputes cheap activations in the backward pass
+    (`DRSformer.recompute`)."""
     if recompute not in ("auto", True, False):
         raise ValueError(f"recompute must be 'auto', True or False, got {recompute!r}")
     return formulation(platform).recompute if recompute == "auto" else bool(recompute)

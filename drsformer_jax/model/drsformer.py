@@ -65,8 +65,8 @@ class TransformerBlock(Layer):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = self.options()
-        ln = dict(kind=self.layernorm_type, **kw)
-        x = x + TopKSparseAttention(self.dim, self.num_heads, self.use_bias,
+        ln = dict(kind=self.layernorm_type, recompute=self.recompute, **kw)
+        x = x + TopKSparseAttention(self.dim, self.num_heads, self.use_bias, self.recompute,
                                     name="attn", **kw)(LayerNorm(name="norm1", **ln)(x))
         ffn = MixedScaleFeedForward(self.dim, self.ffn_expansion_factor, self.use_bias,
                                     self.recompute, name="ffn", **kw)
@@ -101,9 +101,10 @@ class DRSformer(nn.Module):
     only their inputs; `conv_impl` picks the depthwise / grouped convolution
     formulation and `layout` the activation layout inside the model ("auto": the
     platform's, see `for_platform` and `convolution.FORMULATIONS`), as does
-    `recompute` (MSFN's project_in and depthwise branches and MEFC's steps run again in the
-    backward pass instead of keeping their activations: less memory, a little more
-    time; off on CPU); `matmul_precision` is that of every matmul and convolution
+    `recompute` (the LayerNorms, TKSA's normalised q / k and scores, MSFN's project_in
+    and depthwise branches and MEFC's steps run again in the backward pass instead of
+    keeping their activations: less memory, a little more time; off on CPU);
+    `matmul_precision` is that of every matmul and convolution
     but TKSA's scores, which are always at "highest" (None: JAX's default;
     "highest" is true float32 on accelerators). Input and output are NHWC whatever
     the layout, and the parameters are the same.

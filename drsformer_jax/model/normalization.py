@@ -35,29 +35,36 @@ class LayerNorm(Layer):
     the mean, but the mean is not subtracted (the release's definition).
     Statistics are computed in at least float32 (float64 stays float64).
     The channel axis is the last (NHWC), or axis 1 with `channels_first` (NCHW);
-    scale and bias are (C,) either way.
+    scale and bias are (C,) either way. `recompute`: the backward pass keeps only the
+    input (in the computation dtype) and normalises it again, rather than keeping the
+    float32 intermediates.
     """
 
     kind: str = "WithBias"
     epsilon: float = 1e-5
+    recompute: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind not in LAYERNORM_TYPES:
             raise ValueError(f"layernorm_type must be one of {LAYERNORM_TYPES}, got {self.kind!r}")
-        axis = channel_axis(self.channels_first)
-        c = x.shape[axis]
+        c = x.shape[channel_axis(self.channels_first)]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = (None if self.kind == "BiasFree" else
+                self.param("bias", nn.initializers.zeros, (c,), self.param_dtype))
+        normalize = jax.checkpoint(self._normalize) if self.recompute else self._normalize
+        return normalize(x, scale, bias)
+
+    def _normalize(self, x: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
         acc = jnp.promote_types(self.dtype, jnp.float32)
         x32 = x.astype(acc)
         mean = channel_mean(x32, self.channels_first)
         var = channel_mean(jnp.square(x32 - mean), self.channels_first)
         inv = jax.lax.rsqrt(var + self.epsilon)
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        shape = (c, 1, 1) if self.channels_first else (c,)
+        shape = (-1, 1, 1) if self.channels_first else (-1,)
         scale = scale.astype(acc).reshape(shape)
-        if self.kind == "BiasFree":
+        if bias is None:
             y = x32 * inv * scale
         else:
-            bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
             y = (x32 - mean) * inv * scale + bias.astype(acc).reshape(shape)
         return y.astype(self.dtype)
