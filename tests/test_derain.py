@@ -307,11 +307,8 @@ def test_out_of_memory_retries_smaller(capsys):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    # One folder for the whole session (test_evaluate uses it too): each size compiles once.
-    folder = tmp_path_factory.getbasetemp() / "jax_cache"
-    yield folder
-    inference.enable_compilation_cache(None)
+def cache_dir(compilation_cache):
+    return compilation_cache  # the worker's (conftest.py): each size compiles once
 
 
 @pytest.fixture(scope="module")
@@ -597,7 +594,7 @@ def test_four_devices_derain_like_one(tiny_export, tmp_path):
         write_image(inputs / f"{k}.png", RNG.integers(0, 256, (*hw, 3)).astype(np.uint8))
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(tiny_export), str(inputs),
                            str(tmp_path / "four"), str(tmp_path / "four_tiled")],
                           env=env, capture_output=True, text=True, timeout=600)

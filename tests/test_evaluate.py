@@ -40,18 +40,15 @@ def test_benchmark_protocols():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A tiny synthetic config, export dir and training workdir; a shared compilation cache."""
+def env(tmp_path_factory, compilation_cache):
+    """A tiny synthetic config, export dir and training workdir; the worker's compilation
+    cache (conftest.py), which derain's default folder points to: 16x16 compiles once."""
     from configs import synthetic
     from drsformer_jax.checkpoints import training as train_checkpoints
     from drsformer_jax.checkpoints.weights_dir import save_export
     from drsformer_jax.model.drsformer import DRSformer, init_params
 
     base = tmp_path_factory.mktemp("evaluate")
-    # The session's cache (test_derain uses the same folder): 16x16 compiles once.
-    cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    saved_env = os.environ.get(inference.CACHE_ENV)
-    os.environ[inference.CACHE_ENV] = str(cache)
     config = synthetic.get_config()
     config.dataset.root = str(base / "data")
     config.dataset.synthetic.update(SYNTHETIC)
@@ -68,12 +65,8 @@ def env(tmp_path_factory):
                                {}, model.config(), metrics={"psnr": psnr})
     manager.wait_until_finished()
     manager.close()
-    yield dict(config=config, export=export, workdir=workdir, base=base, cache=cache)
-    if saved_env is None:
-        os.environ.pop(inference.CACHE_ENV, None)
-    else:
-        os.environ[inference.CACHE_ENV] = saved_env
-    inference.enable_compilation_cache(None)
+    return dict(config=config, export=export, workdir=workdir, base=base,
+                cache=compilation_cache)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Export for serving: StableHLO and SavedModel outputs equal the in-process model."""
 
+import functools
 import subprocess
 import sys
 
@@ -27,12 +28,17 @@ def exported_dir(tmp_path_factory):
     return base
 
 
+@functools.cache  # one jitted model for the module's tests: each size compiles once
+def _loaded(ckpt):
+    model, variables = drsformer_jax.load(ckpt)
+    return jax.jit(model.apply), variables
+
+
 def _reference(ckpt, images):
     """The in-process model on the release's test.py procedure."""
-    model, variables = drsformer_jax.load(ckpt)
+    apply, variables = _loaded(ckpt)
     h, w = images.shape[1:3]
-    return np.clip(np.asarray(jax.jit(model.apply)(variables, pad_to_multiple(images))),
-                   0, 1)[:, :h, :w]
+    return np.clip(np.asarray(apply(variables, pad_to_multiple(images))), 0, 1)[:, :h, :w]
 
 
 def test_export_dir_holds_program_loader_saved_model_and_readme(exported_dir):

@@ -1,7 +1,7 @@
 """End-to-end runs of main.py on a tiny model (the trainer's parts: test_trainer.py).
 
-End-to-end runs go through subprocesses (so each can choose its device count)
-sharing one persistent compilation cache, so a program is compiled once.
+End-to-end runs go through subprocesses (so each can choose its device count) sharing
+the worker's persistent compilation cache (conftest.py), so a program is compiled once.
 """
 
 import json
@@ -30,20 +30,16 @@ TINY = [
     "--config.dataset.synthetic.num_train=12", "--config.dataset.synthetic.num_test=2",
     "--config.dataset.synthetic.height=40", "--config.dataset.synthetic.width=44",
     "--config.log_every_steps=3", "--config.eval_every_steps=4",
-    "--config.checkpoint_every_steps=4",
+    "--config.checkpoint_every_steps=4", "--config.cpu_devices=1",
 ]
 
 
 # --- end-to-end ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    e.pop("XLA_FLAGS", None)
+def env(compilation_cache):
+    e = dict(os.environ)  # with the worker's compilation cache (conftest.py)
+    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     return e
 
 
@@ -53,10 +49,10 @@ def data_root(tmp_path_factory):
 
 
 def run_main(workdir, data_root, env, *extra, devices=1, check=True, timeout=900):
-    e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/synthetic.py"),
-           "--workdir", str(workdir), f"--config.dataset.root={data_root}", *TINY, *extra]
-    proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+           "--workdir", str(workdir), f"--config.dataset.root={data_root}", *TINY,
+           f"--config.cpu_devices={devices}", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
@@ -114,8 +110,8 @@ def test_four_devices_match_one(tmp_path, data_root, env):
     flags = ["--config.num_train_steps=20", "--config.log_every_steps=1",
              "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20"]
     one, four = tmp_path / "one", tmp_path / "four"
-    run_main(one, data_root, env, *flags)
-    run_main(four, data_root, env, *flags, devices=4)
+    assert "1 device(s)" in run_main(one, data_root, env, *flags).stdout
+    assert "4 device(s)" in run_main(four, data_root, env, *flags, devices=4).stdout
     assert at(four, 1, "train_loss") == pytest.approx(at(one, 1, "train_loss"), rel=1e-6)
     assert at(four, 1, "grad_norm") == pytest.approx(at(one, 1, "grad_norm"), rel=1e-5)
     assert at(four, 20, "train_loss") == pytest.approx(at(one, 20, "train_loss"), rel=0.02)
@@ -164,12 +160,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
 
 def test_sigterm_saves_and_the_run_resumes(tmp_path, data_root, env):
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/synthetic.py"),
            "--workdir", str(tmp_path), f"--config.dataset.root={data_root}", *TINY,
            "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
            "--config.eval_every_steps=100000", "--config.log_every_steps=1"]
-    proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 600
     while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
@@ -198,7 +193,7 @@ def two_processes(cmd, env, timeout):
     port = free_port()
     procs = []
     for pid in range(2):
-        e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        e = dict(env, XLA_FLAGS=f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=2",
                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                  JAX_PROCESS_ID=str(pid), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
         procs.append(subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE,
@@ -209,11 +204,12 @@ def two_processes(cmd, env, timeout):
 def test_two_processes_with_jax_distributed_match_one(tmp_path, straight, data_root, env):
     cmd = [sys.executable, str(ROOT / "main.py"), "--distributed",
            "--config", str(ROOT / "configs/synthetic.py"), "--workdir", str(tmp_path),
-           f"--config.dataset.root={data_root}", *TINY, "--config.num_train_steps=8"]
+           f"--config.dataset.root={data_root}", *TINY, "--config.cpu_devices=2",
+           "--config.num_train_steps=8"]
     procs, outs = two_processes(cmd, env, timeout=900)
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert "2 host(s)" in outs[0][0]
+    assert "4 device(s) on 2 host(s)" in outs[0][0]
     # Same global batches; one all-reduce over 4 devices: Adam amplifies the last bits.
     assert at(tmp_path, 8, "train_loss") == pytest.approx(at(straight, 8, "train_loss"),
                                                           rel=0.02)
@@ -245,12 +241,11 @@ def test_config_is_checked_before_anything_is_written(tmp_path, data_root, env):
 
 
 def test_a_second_training_in_one_workdir_is_refused(tmp_path, data_root, env):
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/synthetic.py"),
            "--workdir", str(tmp_path), f"--config.dataset.root={data_root}", *TINY,
            "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
            "--config.eval_every_steps=100000"]
-    first = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
         lock, deadline = tmp_path / ".lock", time.time() + 300
