@@ -73,7 +73,7 @@ def test_train_step_reduces_l1_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_cpu_train_compiler_options_change_gradients_only_by_rounding(x64):
+def test_cpu_train_compiler_options_change_gradients_only_by_rounding(x64, users_cpu):
     """The train step's fast-math options on CPU: float64 gradients (TKSA's -inf masks,
     the depthwise kernel-gradient reduces) agree with the default compilation."""
     assert train.train_compiler_options("gpu") is None
@@ -86,9 +86,8 @@ def test_cpu_train_compiler_options_change_gradients_only_by_rounding(x64):
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), init_params(model, 0))
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)))
     grad = jax.value_and_grad(lambda p: jnp.mean(jnp.abs(model.apply({"params": p}, x) - x)))
-    optimised = {"xla_backend_optimization_level": 3}  # as users compile (conftest.py: 0)
-    (loss, g), (loss_fast, g_fast) = jax.jit(grad, compiler_options=optimised)(params), jax.jit(
-        grad, compiler_options=dict(options, **optimised))(params)
+    (loss, g), (loss_fast, g_fast) = jax.jit(grad, compiler_options=users_cpu)(params), jax.jit(
+        grad, compiler_options=dict(options, **users_cpu))(params)
     assert loss.dtype == jnp.float64
     np.testing.assert_allclose(loss_fast, loss, rtol=1e-12)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_fast),
