@@ -188,14 +188,13 @@ def free_port():
 
 
 def two_processes(cmd, env, timeout):
-    """Runs `cmd` as processes 0 and 1 of a jax.distributed job (gloo; `cmd` asks for 2 CPU
-    devices each, with --config.cpu_devices or jax_num_cpu_devices, so that XLA_FLAGS and
-    with them the compilation cache's keys stay the suite's);
+    """Runs `cmd` as processes 0 and 1 of a jax.distributed job (2 CPU devices each, gloo);
     returns the processes and their (stdout, stderr)."""
     port = free_port()
     procs = []
     for pid in range(2):
-        e = dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+        e = dict(env, XLA_FLAGS=f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=2",
+                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                  JAX_PROCESS_ID=str(pid), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
         procs.append(subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -347,7 +346,6 @@ _INIT_FROM_WORKER = r"""
 import ast, json, os, sys, zlib
 import jax
 import numpy as np
-jax.config.update("jax_num_cpu_devices", 2)
 jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
                            int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"]))
 from configs import synthetic
