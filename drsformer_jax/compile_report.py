@@ -200,11 +200,14 @@ def lower_block_residuals(config: Any, device: Any, channels: int, heads: int,
         lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sharding),
         jax.eval_shape(block.init, jax.random.PRNGKey(0), x)["params"])
 
-    def residuals(params: Any, x: jax.Array) -> list[jax.Array]:
-        _, pullback = jax.vjp(lambda p, x: block.apply({"params": p}, x), params, x)
-        return jax.tree_util.tree_leaves(pullback)
+    return jax.jit(functools.partial(residual_leaves, block)).lower(params, x)
 
-    return jax.jit(residuals).lower(params, x)
+
+def residual_leaves(module: Any, params: Any, x: jax.Array) -> list[jax.Array]:
+    """What the backward pass of `module` applied to `x` keeps: the leaves of `jax.vjp`'s
+    pullback."""
+    _, pullback = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
+    return jax.tree_util.tree_leaves(pullback)
 
 
 def train_state_bytes(config: Any) -> int:

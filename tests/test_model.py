@@ -1,10 +1,13 @@
 """Semantics of the DRSformer building blocks (small shapes, no fixtures)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from drsformer_jax.compile_report import residual_leaves
 from drsformer_jax.model.attention import TopKSparseAttention, topk_masks, topk_sizes
 from drsformer_jax.model.convolution import grouped_conv, pointwise
 from drsformer_jax.model.drsformer import (
@@ -342,19 +345,15 @@ def test_recomputed_block_keeps_only_computation_dtype_activations(recompute):
     compile_report's residual programs return): with `recompute`, in bfloat16, the
     activations are the inputs of the LayerNorms and of their 1x1 products, qkv and q, k,
     v, TKSA's output and MSFN's [x1, x2]; no float32 copies."""
+
     c, side = 8, 16
     model = DRSformer(dim=c, dtype=jnp.bfloat16, recompute=recompute, conv_impl="shift",
                       layout="NHWC")
     block = model.block(c, 2)
     x = jax.ShapeDtypeStruct((1, side, side, c), jnp.bfloat16)
     params = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)["params"]
-
-    def residuals(p, x):
-        _, pullback = jax.vjp(lambda p, x: block.apply({"params": p}, x), p, x)
-        return jax.tree_util.tree_leaves(pullback)
-
     pixels = side * side
-    kept = [r for r in jax.eval_shape(residuals, params, x)
+    kept = [r for r in jax.eval_shape(functools.partial(residual_leaves, block), params, x)
             if r.ndim >= 3 and r.shape[0] == 1 and pixels in (r.shape[1], r.shape[1] * r.shape[2])]
     channels = sum(r.size // pixels for r in kept)
     if recompute:

@@ -104,10 +104,10 @@ class DRSformer(nn.Module):
     `recompute` (the LayerNorms, TKSA's normalised q / k and scores, MSFN's project_in
     and depthwise branches and MEFC's steps run again in the backward pass instead of
     keeping their activations: less memory, a little more time; off on CPU);
-    `matmul_precision` is that of every matmul and convolution
-    but TKSA's scores, which are always at "highest" (None: JAX's default;
-    "highest" is true float32 on accelerators). Input and output are NHWC whatever
-    the layout, and the parameters are the same.
+    `matmul_precision` is that of every matmul and convolution but TKSA's scores,
+    which are always at "highest" (None: JAX's default; "highest" is true float32 on
+    accelerators). Input and output are NHWC whatever the layout, and the parameters
+    are the same.
     """
 
     inp_channels: int = 3
