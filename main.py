@@ -44,8 +44,8 @@ flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"),
                      "--distributed: this process's index (default $JAX_PROCESS_ID).")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
                   "train, or evaluate a checkpoint on the config's test split.")
-flags.DEFINE_string("checkpoint", None, "evaluate: export dir, workdir or checkpoint step "
-                    "dir to evaluate (default: the workdir's best checkpoint by PSNR).")
+flags.DEFINE_string("checkpoint", None, "evaluate: weights dir (convert), workdir or checkpoint "
+                    "step dir to evaluate (default: the workdir's best checkpoint by PSNR).")
 flags.DEFINE_string("output", None, "evaluate: folder for the derained PNGs and score.json "
                     "(default: WORKDIR/eval/<dataset>).")
 flags.DEFINE_bool("ensemble", False, "evaluate: x8 self-ensemble (8 flips / rotations "

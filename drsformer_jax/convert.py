@@ -7,9 +7,9 @@ Forward: reads `{'params': state_dict}` or a bare state dict (names all prefixed
 'module.', as DataParallel saves them, are read without the prefix, with a
 note), infers the architecture from tensor names and shapes, checks that every
 tensor maps onto the model (reporting all missing, unexpected and mis-shaped
-names at once) and that every weight is finite, then writes an export directory
+names at once) and that every weight is finite, then writes a weights directory
 (`checkpoints.weights_dir`). Nothing is written unless everything fits. Reverse: any
-Flax checkpoint `drsformer_jax.load` accepts (export directory, training workdir
+Flax checkpoint `drsformer_jax.load` accepts (weights directory, training workdir
 or step directory) becomes a release-format `.pth` that the release loads with
 `strict=True`; a `.pth` given there is refused (use it as it is). PyTorch is not
 needed either way.
@@ -28,7 +28,7 @@ from pathlib import Path
 from drsformer_jax.checkpoints.conversion import describe, write_torch_checkpoint
 from drsformer_jax.checkpoints.loading import check_path, load_params
 from drsformer_jax.checkpoints.torch_format import TorchCheckpointError
-from drsformer_jax.checkpoints.weights_dir import CheckpointError, save_export
+from drsformer_jax.checkpoints.weights_dir import CheckpointError, save_weights_dir
 from drsformer_jax.utils.files import ensure_writable_dir, quiet_library_logs
 
 
@@ -45,7 +45,7 @@ def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--to-torch", action="store_true",
                         help="convert a Flax checkpoint (--checkpoint) to a release .pth")
     parser.add_argument("--checkpoint", "--flax-checkpoint", dest="checkpoint", metavar="DIR",
-                        help="with --to-torch: export dir, training checkpoint or workdir")
+                        help="with --to-torch: weights dir, training checkpoint or workdir")
     parser.add_argument("--output", required=True,
                         help="output directory (to Flax) or .pth file (--to-torch)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -71,7 +71,7 @@ def _writable_folder(folder: Path, output: Path) -> None:
         ensure_writable_dir(folder)
     except OSError as e:
         raise _RefusedError(f"--output {output}: cannot write in {folder} "
-                       f"({e.strerror or e})") from None
+                            f"({e.strerror or e})") from None
 
 
 def _to_flax(args: argparse.Namespace, notes: list[str]) -> None:
@@ -80,20 +80,21 @@ def _to_flax(args: argparse.Namespace, notes: list[str]) -> None:
         raise _RefusedError(f"{source}: no such file")
     if source.is_dir():
         raise _RefusedError(f"{source}: is a directory; --torch-checkpoint takes a release .pth "
-                       f"file (to write a .pth from a Flax checkpoint: --to-torch "
-                       f"--checkpoint {source})")
+                            f"file (to write a .pth from a Flax checkpoint: --to-torch "
+                            f"--checkpoint {source})")
     if output.exists() and not output.is_dir():
-        raise _RefusedError(f"--output {output}: is a file; the Flax export is a folder")
+        raise _RefusedError(f"--output {output}: is a file; convert writes a weights "
+                            "directory (a folder)")
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise _RefusedError(f"--output {output}: exists and is not empty; pass --overwrite to "
-                       "replace it")
-    _writable_folder(output.absolute().parent, output)  # the export is renamed into place
+                            "replace it")
+    _writable_folder(output.absolute().parent, output)  # written aside, renamed into place
 
     config, params = load_params(source, notes=notes)
     _print_notes(notes)
     try:
-        save_export(output, config, params, overwrite=args.overwrite,
-                    metadata={"converted_from": source.name})
+        save_weights_dir(output, config, params, overwrite=args.overwrite,
+                         metadata={"converted_from": source.name})
     except OSError as e:
         raise _RefusedError(f"--output {output}: cannot write ({e.strerror or e})") from None
     print(f"converted {source} -> {output}: DRSformer({describe(config)})")
@@ -102,13 +103,13 @@ def _to_flax(args: argparse.Namespace, notes: list[str]) -> None:
 def _to_torch(args: argparse.Namespace, notes: list[str]) -> None:
     source, output = check_path(args.checkpoint), Path(args.output)
     if source.is_file():
-        raise _RefusedError(f"{source}: is a file; --to-torch reads a Flax checkpoint (an export "
-                       "directory, a training workdir or step directory). A release .pth "
-                       "needs no conversion: use it as it is, or convert it to Flax with "
-                       f"--torch-checkpoint {source}")
+        raise _RefusedError(f"{source}: is a file; --to-torch reads a Flax checkpoint (a weights "
+                            "directory, a training workdir or step directory). A release .pth "
+                            "needs no conversion: use it as it is, or convert it to Flax with "
+                            f"--torch-checkpoint {source}")
     if output.is_dir():
         raise _RefusedError(f"--output {output}: is a folder; --to-torch writes a .pth file "
-                       f"(e.g. {output / 'model.pth'})")
+                            f"(e.g. {output / 'model.pth'})")
     if output.exists() and not args.overwrite:
         raise _RefusedError(f"--output {output}: exists; pass --overwrite to replace it")
     _writable_folder(output.absolute().parent, output)

@@ -125,7 +125,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         prog="python -m drsformer_jax.derain", description=__doc__.splitlines()[0],
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="export dir (convert), training checkpoint or workdir, or a "
+                        help="weights dir (convert), training checkpoint or workdir, or a "
                              "release .pth")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="folder for the derained PNGs")

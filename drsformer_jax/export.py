@@ -3,7 +3,7 @@
     python -m drsformer_jax.export --checkpoint CKPT --output DIR
         [--platforms cpu,cuda,tpu] [--no-saved-model] [--overwrite]
 
-CKPT: an export directory, a training workdir or step directory, or a release
+CKPT: a weights directory (from convert), a training workdir or step directory, or a release
 .pth. DIR gets `model.stablehlo` (+ `drsformer_exported.py`, its JAX-only loader),
 `saved_model/` and `README.txt` (signatures, shapes, dtypes, this command).
 See `drsformer_jax/inference/serving.py`.
@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m drsformer_jax.export",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="export dir, training workdir or step dir, or a release .pth")
+                        help="weights dir (convert), training workdir or step dir, or a "
+                             "release .pth")
     parser.add_argument("--output", required=True, type=Path, help="folder to write")
     parser.add_argument("--platforms", default=",".join(serving.PLATFORMS),
                         help="comma-separated subset of cpu, cuda, tpu (default: %(default)s)")

@@ -5,7 +5,7 @@
     restored = derain(rainy)   # float32 (H, W, 3) or (N, H, W, 3) in [0, 1], any size
 
 This file imports nothing but JAX and NumPy (no Flax, no model code), and the
-export command copies it into the export directory as `drsformer_exported.py`,
+export command copies it into its output folder as `drsformer_exported.py`,
 so a serving host needs only `pip install jax` (plus the accelerator plugin).
 The program (`model.stablehlo`) takes (N, 8*h, 8*w, 3) float32; `load_exported`
 adds the release's test.py procedure around it: reflect-pad bottom/right to a

@@ -11,8 +11,8 @@ import ml_collections
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
-from drsformer_jax.benchmark import RELEASE_OPTIM
 from drsformer_jax.model.convolution import FORMULATIONS
+from drsformer_jax.release import RELEASE_OPTIM
 from drsformer_jax.train import trainer
 
 DEVICES = 4

@@ -207,14 +207,14 @@ def test_many_non_finite_weights_are_counted(small_sd, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny model's config and params, and an export directory of them."""
-    from drsformer_jax.checkpoints.weights_dir import save_export
+    """A tiny model's config and params, and a weights directory of them."""
+    from drsformer_jax.checkpoints.weights_dir import save_weights_dir
     from drsformer_jax.model.drsformer import DRSformer, init_params
 
     model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
     params = init_params(model, 0)
     export = tmp_path_factory.mktemp("tiny") / "export"
-    save_export(export, model.config(), params)
+    save_weights_dir(export, model.config(), params)
     return model.config(), params, export
 
 
@@ -226,15 +226,15 @@ def _poisoned(params):
     return traverse_util.unflatten_dict(flat)
 
 
-def test_non_finite_weights_in_an_export_dir_and_a_training_checkpoint(tiny, tmp_path, capsys):
+def test_non_finite_weights_in_a_weights_dir_and_a_training_checkpoint(tiny, tmp_path, capsys):
     from drsformer_jax.checkpoints import training
     from drsformer_jax.checkpoints.loading import load_params
-    from drsformer_jax.checkpoints.weights_dir import CheckpointError, save_export
+    from drsformer_jax.checkpoints.weights_dir import CheckpointError, save_weights_dir
 
     config, params, _ = tiny
     bad = _poisoned(params)
     export = tmp_path / "export"
-    save_export(export, config, bad)
+    save_weights_dir(export, config, bad)
     want = "2 tensors are not finite (NaN or inf): latent_0/attn/temperature, output/kernel"
     with pytest.raises(CheckpointError, match=f"^{re.escape(f'{export}: {want}')}$"):
         load_params(export)
@@ -346,7 +346,7 @@ def test_to_torch_refusals(tiny, tmp_path, capsys, no_reading):
     cases = [
         ([str(missing), str(tmp_path / "a.pth")], f"{missing}: no such checkpoint"),
         ([str(export / "params"), str(tmp_path / "a.pth")],
-         f"{export / 'params'}: is the params/ folder of the export directory {export}; "
+         f"{export / 'params'}: is the params/ folder of the weights directory {export}; "
          f"give {export} itself"),
         ([str(export), str(tmp_path)], f"--output {tmp_path}: is a folder; --to-torch writes "
                                        f"a .pth file (e.g. {tmp_path / 'model.pth'})"),
@@ -379,7 +379,8 @@ def test_to_flax_refusals(small_sd, tmp_path, capsys, no_reading):
     (full / "keep").write_text("")
     cases = [
         (tmp_path / "missing.pth", tmp_path / "o", f"{tmp_path / 'missing.pth'}: no such file"),
-        (pth, a_file, f"--output {a_file}: is a file; the Flax export is a folder"),
+        (pth, a_file, f"--output {a_file}: is a file; convert writes a weights directory "
+                      "(a folder)"),
         (pth, full, f"--output {full}: exists and is not empty; pass --overwrite"),
         (pth, a_file / "o", f"--output {a_file / 'o'}: cannot write in {a_file} "),
     ]

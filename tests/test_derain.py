@@ -313,12 +313,12 @@ def cache_dir(compilation_cache):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    from drsformer_jax.checkpoints.weights_dir import save_export
+    from drsformer_jax.checkpoints.weights_dir import save_weights_dir
     from drsformer_jax.model.drsformer import DRSformer, init_params
 
     model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
     folder = tmp_path_factory.mktemp("tiny") / "export"
-    save_export(folder, model.config(), init_params(model, 0))
+    save_weights_dir(folder, model.config(), init_params(model, 0))
     return folder
 
 

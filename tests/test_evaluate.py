@@ -41,11 +41,11 @@ def test_benchmark_protocols():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, compilation_cache):
-    """A tiny synthetic config, export dir and training workdir; the worker's compilation
+    """A tiny synthetic config, weights dir and training workdir; the worker's compilation
     cache (conftest.py), which derain's default folder points to: 16x16 compiles once."""
     from configs import synthetic
     from drsformer_jax.checkpoints import training as train_checkpoints
-    from drsformer_jax.checkpoints.weights_dir import save_export
+    from drsformer_jax.checkpoints.weights_dir import save_weights_dir
     from drsformer_jax.model.drsformer import DRSformer, init_params
 
     base = tmp_path_factory.mktemp("evaluate")
@@ -55,7 +55,7 @@ def env(tmp_path_factory, compilation_cache):
     config.update(TINY)
     model = DRSformer(**TINY)
     export = base / "export"
-    save_export(export, model.config(), init_params(model, 0))
+    save_weights_dir(export, model.config(), init_params(model, 0))
     # A training workdir with two checkpoints of different weights.
     workdir = base / "workdir"
     manager = train_checkpoints.open_manager(workdir, async_save=False)

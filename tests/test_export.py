@@ -10,7 +10,7 @@ import pytest
 
 import drsformer_jax
 from drsformer_jax import derain, export
-from drsformer_jax.checkpoints.weights_dir import save_export
+from drsformer_jax.checkpoints.weights_dir import save_weights_dir
 from drsformer_jax.inference import pad_to_multiple
 from drsformer_jax.model import DRSformer, init_params
 from drsformer_jax.utils.images import read_image, write_image
@@ -22,7 +22,7 @@ TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=True)
 def exported_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
     model = DRSformer(**TINY)
-    save_export(base / "ckpt", model.config(), init_params(model, 3))
+    save_weights_dir(base / "ckpt", model.config(), init_params(model, 3))
     assert export.main(["--checkpoint", str(base / "ckpt"), "--output", str(base / "out"),
                         "--platforms", "cpu,cuda"]) == 0
     return base

@@ -23,18 +23,16 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-# Compiled buffers (temp + arguments + outputs) of the full step at 1 x 32 x 32, measured
-# 2026-12-02 (jax 0.10.2, XLA:CPU) after the fix: temp 0.47 GB, arguments 0.40 GB (parameters
-# and AdamW state, donated), outputs 0.40 GB: 1.27 GB; process peak RSS 5.6 GB, compilation
-# included. Before the fix the temp buffers alone grew by ~1 GB per block at this size.
+# Compiled buffers (temp + arguments + outputs) at 1 x 32 x 32: 1.27 GB since the fix, about
+# 1 GB more per block before it (docs/performance.md).
 CEILING_BYTES = 2.0e9
 BATCH, SIZE = 1, 32
 
 
 def compile_and_run(batch: int = BATCH, size: int = SIZE) -> dict:
     from drsformer_jax import train
-    from drsformer_jax.benchmark import RELEASE_OPTIM
     from drsformer_jax.model.drsformer import from_config, init_params
+    from drsformer_jax.release import RELEASE_OPTIM
 
     model = from_config(dict(dim=48, num_blocks=(4, 6, 6, 8), heads=(1, 2, 4, 8),
                              use_mefc=True, layout="auto", conv_impl="auto"))

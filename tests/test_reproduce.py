@@ -79,7 +79,7 @@ def test_weights_are_matched_by_set_name(tmp_path):
     _touch(tmp_path / "other" / "Rain200L.pth")
     with pytest.raises(reproduce.SetSkippedError, match="no weights"):
         find(tmp_path / "other", "Rain200H")
-    # One checkpoint for every set: a file, or an export folder.
+    # One checkpoint for every set: a file, or a weights directory.
     assert find(w / "Rain200H.pth", "DDN-Data") == (w / "Rain200H.pth", None)
     _touch(w / "spa_export" / "config.json")
     assert find(w / "spa_export", "Rain200L") == (w / "spa_export", None)

@@ -382,7 +382,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_two_processes_fine_tune_from_every_kind_of_source(tmp_path, straight, data_root, env):
-    """init_from a workdir, a step directory, an export directory and a .pth on two
+    """init_from a workdir, a step directory, a weights directory and a .pth on two
     processes: both start from the source's own parameters (every local copy, the same
     CRC32), and the step-0 evaluation of the workdir case is the source's own score."""
     from drsformer_jax import convert

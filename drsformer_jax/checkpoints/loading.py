@@ -17,7 +17,7 @@ from drsformer_jax.checkpoints.names import flax_to_torch, torch_sort_key
 from drsformer_jax.checkpoints.weights_dir import (
     PARAMS_DIR,
     CheckpointError,
-    is_export_dir,
+    is_weights_dir,
     read_model_config,
     restore_params,
 )
@@ -30,8 +30,8 @@ def check_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory or file")
-    if path.name == PARAMS_DIR and path.is_dir() and is_export_dir(path.parent):
-        raise CheckpointError(f"{path}: is the {PARAMS_DIR}/ folder of the export directory "
+    if path.name == PARAMS_DIR and path.is_dir() and is_weights_dir(path.parent):
+        raise CheckpointError(f"{path}: is the {PARAMS_DIR}/ folder of the weights directory "
                               f"{path.parent}; give {path.parent} itself")
     return path
 
@@ -46,7 +46,7 @@ def load_params(path: str | os.PathLike, *,
     path = check_path(path)
     if path.is_file():
         config, params = read_torch_checkpoint(path, notes)
-    elif is_export_dir(path):
+    elif is_weights_dir(path):
         config, params = read_model_config(path), restore_params(path / PARAMS_DIR)
     else:
         config, params = training.load_params(path)
@@ -80,7 +80,7 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, precision: str | 
          **runtime: Any) -> tuple[DRSformer, dict[str, Any]]:
     """Loads a checkpoint: `model, variables = load(PATH)`; then `model.apply(variables, x)`.
 
-    `path` is an export directory (from `convert`), a training checkpoint step
+    `path` is a weights directory (from `convert`), a training checkpoint step
     directory, a training workdir (its best checkpoint by PSNR, else the
     latest), or a release `.pth` file (converted in memory, with `convert`'s
     checks). Weights that are NaN or infinite are refused. `precision`: of the

@@ -171,7 +171,7 @@ def candidate_step_dirs(path: Path) -> list[Path]:
                     and (p / "state").is_dir()), reverse=True) if root.is_dir() else []
     if not steps:
         raise CheckpointError(
-            f"{path}: not a checkpoint (expected an export directory with config.json and "
+            f"{path}: not a checkpoint (expected a weights directory with config.json and "
             f"params/, a training workdir with {CHECKPOINT_DIR}/, or a checkpoint step "
             "directory)")
     best = None

@@ -1,6 +1,6 @@
 """Converted-weights directories: what `convert` writes and `drsformer_jax.load` reads.
 
-Such a directory (an "export directory" in messages and older notes) holds
+Such a "weights directory" holds
 `config.json` (the model's architecture fields) and `params/` (an orbax checkpoint of
 `{"params": ...}`).
 """
@@ -27,13 +27,13 @@ class CheckpointError(ValueError):
     """A path that is not a loadable checkpoint; the message names it."""
 
 
-def is_export_dir(path: Path) -> bool:
+def is_weights_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def save_export(directory: str | os.PathLike, model_config: dict[str, Any], params: Any, *,
+def save_weights_dir(directory: str | os.PathLike, model_config: dict[str, Any], params: Any, *,
                 overwrite: bool = False, metadata: dict[str, Any] | None = None) -> None:
-    """Writes an export directory atomically: complete, or not there at all."""
+    """Writes a weights directory atomically: complete, or not there at all."""
     directory = Path(directory).absolute()
     if (directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
             and not overwrite):
@@ -57,7 +57,7 @@ def save_export(directory: str | os.PathLike, model_config: dict[str, Any], para
 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The architecture fields recorded in an export directory's config.json."""
+    """The architecture fields recorded in a weights directory's config.json."""
     file = Path(path) / CONFIG_FILE
     try:
         info = json.loads(file.read_text())

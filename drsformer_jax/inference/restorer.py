@@ -127,7 +127,7 @@ class Restorer:
         """Restores with these weights from now on (same shapes: nothing recompiles)."""
         # Replicated on this restorer's devices: weights restored from a training
         # checkpoint carry the training mesh's sharding, which would make a different
-        # program (and cache entry) from the same weights out of an export directory.
+        # program (and cache entry) from the same weights out of a weights directory.
         self._variables = jax.device_put(variables, self._replicated)
 
     @property
