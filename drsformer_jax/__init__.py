@@ -6,13 +6,14 @@
 Subpackages, by concern:
   model/        the network (U-Net, TKSA, MSFN, MEFC, layers, PyTorch-style init)
   data/         pair sources, the tf.data training pipeline, TFDS builders, synthetic rain
-  checkpoints/  converted-weights directories, training checkpoints, release .pth files, `load`
+  checkpoints/  weights directories (convert), training checkpoints, release .pth, `load`
   train/        train state, optimizer and step; the training loop; metric logging
   evaluation/   PSNR / SSIM protocols, score files, the one evaluator
   inference/    padding and tiles, memory planning, the compilation cache, the Restorer
   utils/        the one image reader / writer, file helpers
 The command-line tools are the top-level modules (`python -m drsformer_jax.<tool>`):
-derain, score, convert, export, benchmark, rain_datasets (and parity).
+derain, score, reproduce, tile_seams, convert, export, rain_datasets, parity, benchmark,
+compile_report; `release` holds the authors' recipe and loads their PyTorch class.
 
 The TensorFlow boundary: `model`, `checkpoints`, `inference`, `evaluation` and
 the train step import without TensorFlow. TensorFlow is imported in one place,
