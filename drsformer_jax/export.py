@@ -3,8 +3,8 @@
     python -m drsformer_jax.export --checkpoint CKPT --output DIR
         [--platforms cpu,cuda,tpu] [--no-saved-model] [--overwrite]
 
-CKPT: a weights directory (from convert), a training workdir or step directory, or a release
-.pth. DIR gets `model.stablehlo` (+ `drsformer_exported.py`, its JAX-only loader),
+CKPT: a weights directory (from convert), a training workdir or step directory, or a
+release .pth. DIR gets `model.stablehlo` (+ `drsformer_exported.py`, its JAX-only loader),
 `saved_model/` and `README.txt` (signatures, shapes, dtypes, this command).
 See `drsformer_jax/inference/serving.py`.
 """

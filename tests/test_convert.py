@@ -213,9 +213,9 @@ def tiny(tmp_path_factory):
 
     model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
     params = init_params(model, 0)
-    export = tmp_path_factory.mktemp("tiny") / "export"
-    save_weights_dir(export, model.config(), params)
-    return model.config(), params, export
+    weights = tmp_path_factory.mktemp("tiny") / "weights"
+    save_weights_dir(weights, model.config(), params)
+    return model.config(), params, weights
 
 
 def _poisoned(params):
@@ -233,14 +233,14 @@ def test_non_finite_weights_in_a_weights_dir_and_a_training_checkpoint(tiny, tmp
 
     config, params, _ = tiny
     bad = _poisoned(params)
-    export = tmp_path / "export"
-    save_weights_dir(export, config, bad)
+    weights = tmp_path / "weights"
+    save_weights_dir(weights, config, bad)
     want = "2 tensors are not finite (NaN or inf): latent_0/attn/temperature, output/kernel"
-    with pytest.raises(CheckpointError, match=f"^{re.escape(f'{export}: {want}')}$"):
-        load_params(export)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(f'{weights}: {want}')}$"):
+        load_params(weights)
     out = tmp_path / "back.pth"
-    assert convert.main(["--to-torch", "--checkpoint", str(export), "--output", str(out)]) == 1
-    assert capsys.readouterr().err == f"error: {export}: {want}\n"
+    assert convert.main(["--to-torch", "--checkpoint", str(weights), "--output", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: {weights}: {want}\n"
     assert not out.exists()
 
     workdir = tmp_path / "work"
@@ -341,14 +341,14 @@ def _one_error(capsys, start):
 
 
 def test_to_torch_refusals(tiny, tmp_path, capsys, no_reading):
-    _, _, export = tiny
+    _, _, weights = tiny
     missing = tmp_path / "nope"
     cases = [
         ([str(missing), str(tmp_path / "a.pth")], f"{missing}: no such checkpoint"),
-        ([str(export / "params"), str(tmp_path / "a.pth")],
-         f"{export / 'params'}: is the params/ folder of the weights directory {export}; "
-         f"give {export} itself"),
-        ([str(export), str(tmp_path)], f"--output {tmp_path}: is a folder; --to-torch writes "
+        ([str(weights / "params"), str(tmp_path / "a.pth")],
+         f"{weights / 'params'}: is the params/ folder of the weights directory {weights}; "
+         f"give {weights} itself"),
+        ([str(weights), str(tmp_path)], f"--output {tmp_path}: is a folder; --to-torch writes "
                                        f"a .pth file (e.g. {tmp_path / 'model.pth'})"),
     ]
     pth = tmp_path / "release.pth"
@@ -357,10 +357,10 @@ def test_to_torch_refusals(tiny, tmp_path, capsys, no_reading):
                                                        "Flax checkpoint"))
     existing = tmp_path / "old.pth"
     existing.write_bytes(b"old")
-    cases.append(([str(export), str(existing)], f"--output {existing}: exists; pass "
+    cases.append(([str(weights), str(existing)], f"--output {existing}: exists; pass "
                                                 "--overwrite"))
     (tmp_path / "afile").write_text("")
-    cases.append(([str(export), str(tmp_path / "afile" / "x.pth")],
+    cases.append(([str(weights), str(tmp_path / "afile" / "x.pth")],
                   f"--output {tmp_path / 'afile' / 'x.pth'}: cannot write in "))
     for (checkpoint, output), start in cases:
         assert convert.main(["--to-torch", "--checkpoint", checkpoint, "--output", output]) == 1
@@ -431,8 +431,8 @@ def test_a_read_only_output_folder(direction, errno_name, small_sd, tiny, tmp_pa
     pth = tmp_path / "a.pth"
     save_pth(pth, small_sd)
     if direction == "to-flax":
-        argv = ["--torch-checkpoint", str(pth), "--output", str(folder / "export")]
-        out = folder / "export"
+        argv = ["--torch-checkpoint", str(pth), "--output", str(folder / "weights")]
+        out = folder / "weights"
     else:
         argv = ["--to-torch", "--checkpoint", str(tiny[2]), "--output", str(folder / "m.pth")]
         out = folder / "m.pth"
@@ -466,8 +466,8 @@ def test_a_write_failing_midway_is_reported_and_cleaned_up(direction, small_sd, 
         pth = tmp_path / "a.pth"
         save_pth(pth, small_sd)
         monkeypatch.setattr(weights_dir.ocp, "StandardCheckpointer", fail)
-        argv = ["--torch-checkpoint", str(pth), "--output", str(folder / "export")]
-        out = folder / "export"
+        argv = ["--torch-checkpoint", str(pth), "--output", str(folder / "weights")]
+        out = folder / "weights"
     else:
         monkeypatch.setattr(torch_format, "_write_aligned", fail)
         argv = ["--to-torch", "--checkpoint", str(tiny[2]), "--output", str(folder / "m.pth")]

@@ -312,12 +312,12 @@ def cache_dir(compilation_cache):
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
+def tiny_weights(tmp_path_factory):
     from drsformer_jax.checkpoints.weights_dir import save_weights_dir
     from drsformer_jax.model.drsformer import DRSformer, init_params
 
     model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), use_mefc=False)
-    folder = tmp_path_factory.mktemp("tiny") / "export"
+    folder = tmp_path_factory.mktemp("tiny") / "weights"
     save_weights_dir(folder, model.config(), init_params(model, 0))
     return folder
 
@@ -380,7 +380,7 @@ def digest(folder):
 
 
 @pytest.fixture(scope="module")
-def awkward_run(tmp_path_factory, tiny_export, cache_dir):
+def awkward_run(tmp_path_factory, tiny_weights, cache_dir):
     base = tmp_path_factory.mktemp("awkward")
     inputs, outputs = base / "in", base / "out"
     expect = make_awkward_folder(inputs)
@@ -393,7 +393,7 @@ def awkward_run(tmp_path_factory, tiny_export, cache_dir):
     capture.setattr(sys, "stdout", out)
     capture.setattr(sys, "stderr", err)
     try:
-        rc = derain.main(["--checkpoint", str(tiny_export), "--input", str(inputs),
+        rc = derain.main(["--checkpoint", str(tiny_weights), "--input", str(inputs),
                           "--output", str(outputs), "--cache-dir", str(cache_dir)])
     finally:
         capture.undo()
@@ -439,7 +439,7 @@ def test_inputs_are_untouched(awkward_run):
     assert digest(awkward_run["inputs"]) == awkward_run["before"]
 
 
-def test_tile_covering_the_image_gives_the_untiled_png(awkward_run, tiny_export, cache_dir,
+def test_tile_covering_the_image_gives_the_untiled_png(awkward_run, tiny_weights, cache_dir,
                                                        tmp_path, capsys):
     hits = []
 
@@ -448,7 +448,7 @@ def test_tile_covering_the_image_gives_the_untiled_png(awkward_run, tiny_export,
 
     jax.monitoring.register_event_listener(listen)
     try:
-        rc = derain.main(["--checkpoint", str(tiny_export), "--input",
+        rc = derain.main(["--checkpoint", str(tiny_weights), "--input",
                           str(awkward_run["inputs"] / "rgb.png"), "--output", str(tmp_path),
                           "--tile", "16", "--cache-dir", str(cache_dir)])
     finally:
@@ -461,8 +461,8 @@ def test_tile_covering_the_image_gives_the_untiled_png(awkward_run, tiny_export,
     assert any(p.name.startswith("jit_drsformer_forward") for p in cache_dir.iterdir())
 
 
-def test_auto_tiling_note(awkward_run, tiny_export, cache_dir, tmp_path, capsys):
-    rc = derain.main(["--checkpoint", str(tiny_export), "--input",
+def test_auto_tiling_note(awkward_run, tiny_weights, cache_dir, tmp_path, capsys):
+    rc = derain.main(["--checkpoint", str(tiny_weights), "--input",
                       str(awkward_run["inputs"] / "rgb16.tif"), "--output", str(tmp_path),
                       "--memory-limit", "0.000001", "--cache-dir", str(cache_dir)])
     err = capsys.readouterr().err  # notes go to stderr
@@ -472,11 +472,11 @@ def test_auto_tiling_note(awkward_run, tiny_export, cache_dir, tmp_path, capsys)
     assert read_image(tmp_path / "rgb16.png").shape == (12, 15, 3)
 
 
-def test_output_folder_equal_to_input(tmp_path, tiny_export, cache_dir, capsys):
+def test_output_folder_equal_to_input(tmp_path, tiny_weights, cache_dir, capsys):
     write_image(tmp_path / "x.png", RNG.integers(0, 256, (13, 13, 3)).astype(np.uint8))
     Image.fromarray(RNG.integers(0, 256, (13, 13, 3)).astype(np.uint8)).save(tmp_path / "y.jpg")
     before = digest(tmp_path)
-    args = ["--checkpoint", str(tiny_export), "--input", str(tmp_path), "--output",
+    args = ["--checkpoint", str(tiny_weights), "--input", str(tmp_path), "--output",
             str(tmp_path), "--cache-dir", str(cache_dir)]
     assert derain.main(args) == 1
     assert "pass --overwrite" in capsys.readouterr().err
@@ -536,9 +536,9 @@ def test_cli_buckets_and_batches(tmp_path, monkeypatch, capsys):
     assert "img/s" in captured.err
 
 
-def test_unusable_cache_dir_is_a_note(tmp_path, tiny_export, capsys):
+def test_unusable_cache_dir_is_a_note(tmp_path, tiny_weights, capsys):
     (tmp_path / "file").write_text("")
-    restorer = derain.make_restorer(tiny_export, cache_dir=tmp_path / "file" / "cache")
+    restorer = derain.make_restorer(tiny_weights, cache_dir=tmp_path / "file" / "cache")
     assert isinstance(restorer, inference.Restorer)
     assert "note: compilation cache off" in capsys.readouterr().err
     assert jax.config.jax_compilation_cache_dir is None
@@ -572,17 +572,17 @@ import sys
 import jax
 from drsformer_jax import derain, inference
 assert jax.local_device_count() == 4
-export, inputs, out, tiled = sys.argv[1:5]
-restorer = inference.make_restorer(export, batch_size=2, cache_dir="none")
+weights, inputs, out, tiled = sys.argv[1:5]
+restorer = inference.make_restorer(weights, batch_size=2, cache_dir="none")
 plan = restorer.plan(40, 48)
 assert plan.batch == 8, plan  # two per device
 for args in (["--input", inputs, "--output", out, "--batch-size", "2"],
              ["--input", inputs, "--output", tiled, "--tile", "24", "--tile-overlap", "8"]):
-    assert derain.main(["--checkpoint", export, "--cache-dir", "none", *args]) == 0
+    assert derain.main(["--checkpoint", weights, "--cache-dir", "none", *args]) == 0
 """
 
 
-def test_four_devices_derain_like_one(tiny_export, tmp_path):
+def test_four_devices_derain_like_one(tiny_weights, tmp_path):
     """derain's batches (and tiles) spread over 4 simulated devices give one device's PNGs."""
     import os
     import subprocess
@@ -595,14 +595,14 @@ def test_four_devices_derain_like_one(tiny_export, tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
                XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(tiny_export), str(inputs),
+    proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(tiny_weights), str(inputs),
                            str(tmp_path / "four"), str(tmp_path / "four_tiled")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert jax.local_device_count() == 1
     for flags, four in ((["--batch-size", "2"], "four"),
                         (["--tile", "24", "--tile-overlap", "8"], "four_tiled")):
-        assert derain.main(["--checkpoint", str(tiny_export), "--input", str(inputs),
+        assert derain.main(["--checkpoint", str(tiny_weights), "--input", str(inputs),
                             "--output", str(tmp_path / "one"), "--cache-dir", "none",
                             "--overwrite", *flags]) == 0
         for k in range(4):

@@ -54,8 +54,8 @@ def env(tmp_path_factory, compilation_cache):
     config.dataset.synthetic.update(SYNTHETIC)
     config.update(TINY)
     model = DRSformer(**TINY)
-    export = base / "export"
-    save_weights_dir(export, model.config(), init_params(model, 0))
+    weights = base / "weights"
+    save_weights_dir(weights, model.config(), init_params(model, 0))
     # A training workdir with two checkpoints of different weights.
     workdir = base / "workdir"
     manager = train_checkpoints.open_manager(workdir, async_save=False)
@@ -65,18 +65,18 @@ def env(tmp_path_factory, compilation_cache):
                                {}, model.config(), metrics={"psnr": psnr})
     manager.wait_until_finished()
     manager.close()
-    return dict(config=config, export=export, workdir=workdir, base=base,
+    return dict(config=config, weights=weights, workdir=workdir, base=base,
                 cache=compilation_cache)
 
 
 @pytest.fixture(scope="module")
-def export_run(env):
-    doc = evaluate.evaluate_checkpoint(env["config"], env["workdir"], env["export"])
+def weights_run(env):
+    doc = evaluate.evaluate_checkpoint(env["config"], env["workdir"], env["weights"])
     return doc, env["workdir"] / "eval" / "synthetic"
 
 
-def test_writes_pngs_and_score_json(export_run, env):
-    doc, out = export_run
+def test_writes_pngs_and_score_json(weights_run, env):
+    doc, out = weights_run
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
     assert json.loads((out / SCORE_FILE).read_text()) == doc
     assert doc["protocol"] == "matlab" and sorted(doc["images"]) == \
@@ -86,8 +86,8 @@ def test_writes_pngs_and_score_json(export_run, env):
     assert all(np.isfinite(psnrs)) and 0 < doc["mean"]["ssim"] < 1
 
 
-def test_same_json_as_the_score_cli(export_run, env, tmp_path, capsys):
-    doc, out = export_run
+def test_same_json_as_the_score_cli(weights_run, env, tmp_path, capsys):
+    doc, out = weights_run
     targets = next((env["base"] / "data" / "synthetic").glob("*/test/synthetic/target"))
     assert score.main(["--results", str(out), "--targets", str(targets),
                        "--json", str(tmp_path / "s.json")]) == 0
@@ -119,22 +119,22 @@ def test_refuses_to_write_into_the_data_set(env):
     pairs_input = next((env["base"] / "data" / "synthetic").glob("*/test/synthetic/input"))
     before = sorted(p.name for p in pairs_input.iterdir())
     with pytest.raises(evaluate.EvaluationError, match="input folder"):
-        evaluate.evaluate_checkpoint(env["config"], env["workdir"], env["export"], pairs_input)
+        evaluate.evaluate_checkpoint(env["config"], env["workdir"], env["weights"], pairs_input)
     assert sorted(p.name for p in pairs_input.iterdir()) == before
 
 
-def test_main_evaluate_mode(env, export_run, tmp_path):
+def test_main_evaluate_mode(env, weights_run, tmp_path):
     """The command line, in a fresh process (the compiled program comes from the cache)."""
     overrides = [f"--config.dataset.root={env['config'].dataset.root}"] + [
         f"--config.dataset.synthetic.{k}={v}" for k, v in SYNTHETIC.items()]
     base = [sys.executable, "main.py", "--config", "configs/synthetic.py", *overrides,
             "--workdir", str(env["workdir"]), "--mode", "evaluate"]
     child_env = dict(os.environ, JAX_PLATFORMS="cpu", **{inference.CACHE_ENV: str(env["cache"])})
-    run = subprocess.run([*base, "--checkpoint", str(env["export"]), "--output",
+    run = subprocess.run([*base, "--checkpoint", str(env["weights"]), "--output",
                           str(tmp_path / "cli")], cwd=ROOT, env=child_env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    doc, _ = export_run
+    doc, _ = weights_run
     assert json.loads((tmp_path / "cli" / "score.json").read_text()) == doc
     assert f"PSNR {doc['mean']['psnr']:.4f} dB" in run.stdout
 
@@ -145,7 +145,7 @@ def test_main_evaluate_mode(env, export_run, tmp_path):
     assert "missing: no such checkpoint directory" in bad.stderr
 
 
-def test_rcdnet_data_set_and_a_broken_pair(env, export_run, tmp_path, capsys):
+def test_rcdnet_data_set_and_a_broken_pair(env, weights_run, tmp_path, capsys):
     """DID-Data is scored under RCDNet's protocol; a broken input fails alone, named."""
     import shutil
 
@@ -163,7 +163,7 @@ def test_rcdnet_data_set_and_a_broken_pair(env, export_run, tmp_path, capsys):
     config.update(TINY)
     out = tmp_path / "out"
     with pytest.raises(evaluate.EvaluationError, match="1 of 3 test images") as info:
-        evaluate.evaluate_checkpoint(config, tmp_path / "workdir", env["export"], out)
+        evaluate.evaluate_checkpoint(config, tmp_path / "workdir", env["weights"], out)
     assert "00001.png" in str(info.value)
     err = capsys.readouterr().err
     assert f"error: {broken}" in err and "Traceback" not in err
@@ -177,7 +177,7 @@ def test_rcdnet_data_set_and_a_broken_pair(env, export_run, tmp_path, capsys):
     scored = json.loads((tmp_path / "s.json").read_text())
     assert scored == doc
     # Same model, same images: the PNGs are those of the synthetic run; the figures differ.
-    synthetic_doc, synthetic_out = export_run
+    synthetic_doc, synthetic_out = weights_run
     assert (out / "00000.png").read_bytes() == (synthetic_out / "00000.png").read_bytes()
     assert doc["images"]["00000.png"] != synthetic_doc["images"]["00000.png"]
 
@@ -195,7 +195,7 @@ def test_real_rain_set_scores_inputs_and_outputs_without_targets(env, tmp_path, 
     config = ml_collections.ConfigDict(env["config"].to_dict())
     config.dataset.name, config.dataset.source = "Real", "folder"
     config.dataset.root = str(tmp_path / "data")
-    doc = evaluate.evaluate_checkpoint(config, tmp_path / "work", env["export"])
+    doc = evaluate.evaluate_checkpoint(config, tmp_path / "work", env["weights"])
     out = tmp_path / "work" / "eval" / "Real"
     assert doc["protocol"] == "niqe,brisque" and sorted(doc["images"]) == ["a.png", "b.png"]
     assert json.loads((out / SCORE_FILE).read_text()) == doc

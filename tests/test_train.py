@@ -387,11 +387,11 @@ def test_two_processes_fine_tune_from_every_kind_of_source(tmp_path, straight, d
     CRC32), and the step-0 evaluation of the workdir case is the source's own score."""
     from drsformer_jax import convert
 
-    pth, export = tmp_path / "src.pth", tmp_path / "export"
+    pth, weights = tmp_path / "src.pth", tmp_path / "weights"
     assert convert.main(["--to-torch", "--checkpoint", str(straight), "--output", str(pth)]) == 0
-    assert convert.main(["--torch-checkpoint", str(pth), "--output", str(export)]) == 0
+    assert convert.main(["--torch-checkpoint", str(pth), "--output", str(weights)]) == 0
     sources = [["workdir", str(straight)], ["step", str(straight / "checkpoints" / "4")],
-               ["export", str(export)], ["pth", str(pth)]]
+               ["weights", str(weights)], ["pth", str(pth)]]
     cmd = [sys.executable, "-c", _INIT_FROM_WORKER, str(data_root), str(tmp_path / "runs"),
            json.dumps(TINY), json.dumps(sources)]
     procs, outs = two_processes(cmd, env, timeout=600)

@@ -1,8 +1,7 @@
-"""Converted-weights directories: what `convert` writes and `drsformer_jax.load` reads.
+"""Weights directories: what `convert` writes and `drsformer_jax.load` reads.
 
-Such a "weights directory" holds
-`config.json` (the model's architecture fields) and `params/` (an orbax checkpoint of
-`{"params": ...}`).
+A weights directory holds `config.json` (the model's architecture fields) and `params/`
+(an orbax checkpoint of `{"params": ...}`).
 """
 
 from __future__ import annotations
@@ -31,8 +30,9 @@ def is_weights_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def save_weights_dir(directory: str | os.PathLike, model_config: dict[str, Any], params: Any, *,
-                overwrite: bool = False, metadata: dict[str, Any] | None = None) -> None:
+def save_weights_dir(directory: str | os.PathLike, model_config: dict[str, Any], params: Any,
+                     *, overwrite: bool = False,
+                     metadata: dict[str, Any] | None = None) -> None:
     """Writes a weights directory atomically: complete, or not there at all."""
     directory = Path(directory).absolute()
     if (directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
